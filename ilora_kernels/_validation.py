@@ -1,0 +1,84 @@
+"""Input checks shared by every backend: errors name the offending tensor and both shapes."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape(t)}")
+
+
+def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, top_k) -> Optional[int]:
+    """Checks the arguments of ``ilora_linear``; returns top_k normalised (0 = dense routing)."""
+    for name, t in (("x", x), ("weight", weight), ("router_weight", router_weight), ("lora_a", lora_a),
+                    ("lora_b", lora_b)):
+        _require_tensor(name, t)
+    if bias is not None:
+        _require_tensor("bias", bias)
+
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (..., d_in), got shape {_shape(x)}")
+    _require_ndim("weight", weight, 2, "(d_out, d_in)")
+    _require_ndim("router_weight", router_weight, 2, "(K, d_in)")
+    _require_ndim("lora_a", lora_a, 2, "(r, d_in)")
+    _require_ndim("lora_b", lora_b, 3, "(K, d_out, r)")
+
+    d_out, d_in = weight.shape
+    num_heads, rank = router_weight.shape[0], lora_a.shape[0]
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has shape {_shape(x)} (last dim {x.shape[-1]}) but weight has shape {_shape(weight)} "
+                         f"(d_in = {d_in})")
+    if router_weight.shape[1] != d_in:
+        raise ValueError(f"router_weight has shape {_shape(router_weight)} but weight has shape {_shape(weight)}: "
+                         f"expected (K, {d_in})")
+    if lora_a.shape[1] != d_in:
+        raise ValueError(f"lora_a has shape {_shape(lora_a)} but weight has shape {_shape(weight)}: "
+                         f"expected (r, {d_in})")
+    if num_heads < 1:
+        raise ValueError(f"router_weight has shape {_shape(router_weight)}: K must be >= 1")
+    if rank < 1:
+        raise ValueError(f"lora_a has shape {_shape(lora_a)}: r must be >= 1")
+    if tuple(lora_b.shape) != (num_heads, d_out, rank):
+        raise ValueError(f"lora_b has shape {_shape(lora_b)} but router_weight {_shape(router_weight)}, weight "
+                         f"{_shape(weight)} and lora_a {_shape(lora_a)} require (K, d_out, r) = "
+                         f"({num_heads}, {d_out}, {rank})")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias has shape {_shape(bias)} but weight has shape {_shape(weight)}: expected ({d_out},)")
+
+    named = [("x", x), ("weight", weight), ("router_weight", router_weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; ilora_linear needs float16, bfloat16, float32 or float64")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if top_k is None:
+        return 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not (1 <= top_k <= num_heads):
+        raise ValueError(f"top_k must be None or an int in [1, K = {num_heads}] (router_weight shape "
+                         f"{_shape(router_weight)}), got {top_k!r}")
+    return 0 if top_k == num_heads else top_k

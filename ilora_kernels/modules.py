@@ -1,0 +1,78 @@
+"""``ILoRALinear``: a drop-in I-LoRA layer around an existing, frozen ``nn.Linear``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import BACKENDS, ilora_linear
+
+
+class ILoRALinear(nn.Module):
+    """y = base_layer(x) + scaling * sum_k g_k(x) B_k A dropout(x), g = softmax(router_weight x).
+
+    Shares ``base_layer``'s weight (never copies it) and freezes it. Parameters: router_weight (K, d_in),
+    lora_a (r, d_in), lora_b (K, d_out, r). Freshly built, the layer equals its base layer (every B_k = 0).
+    """
+
+    def __init__(self, base_linear: nn.Linear, r: int = 128, num_heads: int = 3, alpha: float = 256.0,
+                 dropout: float = 0.1, top_k: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(base_linear, nn.Linear):
+            raise TypeError(f"ILoRALinear wraps an nn.Linear, got {type(base_linear).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if not (0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if top_k is not None and not (1 <= top_k <= num_heads):
+            raise ValueError(f"top_k must be None or in [1, num_heads={num_heads}], got {top_k!r}")
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        self.base_layer = base_linear
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base_linear.in_features, base_linear.out_features
+        self.r, self.num_heads, self.alpha, self.dropout = r, num_heads, float(alpha), float(dropout)
+        self.top_k, self.backend = top_k, backend
+        self.scaling = self.alpha / r
+        self.disable_adapter = False
+        factory = {"device": base_linear.weight.device, "dtype": base_linear.weight.dtype}
+        self.router_weight = nn.Parameter(torch.empty(num_heads, self.in_features, **factory))
+        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.empty(num_heads, self.out_features, r, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Crab+ initialisation: A and W_r kaiming_uniform(a=sqrt(5)), every B_k zero."""
+        nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor, return_router_weights: bool = False):
+        """x (..., d_in) -> y (..., d_out); with return_router_weights also g (..., K) float32."""
+        if self.disable_adapter:
+            y = self.base_layer(x)
+            if return_router_weights:
+                return y, x.new_zeros(*x.shape[:-1], self.num_heads, dtype=torch.float32)
+            return y
+        return ilora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight, self.lora_a,
+                            self.lora_b, self.scaling, dropout_p=self.dropout, training=self.training,
+                            top_k=self.top_k, backend=self.backend, return_router_weights=return_router_weights)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"num_heads={self.num_heads}, alpha={self.alpha:g}, dropout={self.dropout:g}, top_k={self.top_k}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,81 @@
+"""The reference backend: plain PyTorch that *is* the specification (SPEC section 1).
+
+``forward`` and ``backward`` work on flattened 2-D activations; ``ilora_kernels.functional`` wraps them
+as the ``ilora_kernels::reference_forward`` / ``reference_backward`` custom ops with autograd attached.
+Saved for backward: x, h (N, r), g (N, K) and the dropout seed; never a per-head (N, d_out) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._dropout import apply_dropout
+
+
+def router_probabilities(x2d: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> torch.Tensor:
+    """g = softmax(x W_r^T), (N, K), in float32 (float64 for float64 inputs); with 0 < top_k < K only the top_k
+    largest logits get mass."""
+    logits = x2d @ router_weight.t()
+    num_heads = router_weight.shape[0]
+    dtype = router_dtype(x2d.dtype)
+    if 0 < top_k < num_heads:
+        top_vals, top_idx = logits.topk(top_k, dim=-1)
+        g = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
+        return g.scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1, dtype=dtype))
+    return torch.softmax(logits, dim=-1, dtype=dtype)
+
+
+def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The router's softmax runs in float32, or float64 when the activations are float64."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
+
+
+def concat_heads(lora_b: torch.Tensor) -> torch.Tensor:
+    """B_cat = [B_1 | ... | B_K]: (K, d_out, r) -> (d_out, K * r)."""
+    num_heads, d_out, rank = lora_b.shape
+    return lora_b.permute(1, 0, 2).reshape(d_out, num_heads * rank)
+
+
+def routed_activations(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """u = [g_1 h, ..., g_K h]: (N, K * r), with g cast to the activation dtype first (Crab+ semantics)."""
+    n_tokens, rank = h.shape
+    return (g.to(h.dtype).unsqueeze(2) * h.unsqueeze(1)).reshape(n_tokens, -1)
+
+
+def forward(x2d, weight, bias, router_weight, lora_a, lora_b, scaling: float, dropout_p: float, seed: int,
+            top_k: int):
+    """Returns y (N, d_out), h (N, r) in the activation dtype, g (N, K) in ``router_dtype``."""
+    g = router_probabilities(x2d, router_weight, top_k)
+    h = apply_dropout(x2d, seed, dropout_p) @ lora_a.t()
+    y = F.linear(x2d, weight, bias)
+    y = torch.addmm(y, routed_activations(g, h), concat_heads(lora_b).t(), alpha=scaling)
+    return y, h, g
+
+
+def backward(dy, x2d, weight, router_weight, lora_a, lora_b, h, g, scaling: float, dropout_p: float, seed: int,
+             output_mask):
+    """Gradients (dx, d_router_weight, d_lora_a, d_lora_b) of SPEC section 1; None where output_mask is False."""
+    need_dx, need_dwr, need_da, need_db = output_mask
+    num_heads, d_out, rank = lora_b.shape
+    n_tokens = dy.shape[0]
+    dx = d_router = d_lora_a = d_lora_b = None
+
+    if need_db:
+        d_b_cat = scaling * (dy.t() @ routed_activations(g, h))  # (d_out, K r)
+        d_lora_b = d_b_cat.reshape(d_out, num_heads, rank).permute(1, 0, 2).contiguous()
+    if not (need_dx or need_dwr or need_da):
+        return dx, d_router, d_lora_a, d_lora_b
+
+    v = (dy @ concat_heads(lora_b)).reshape(n_tokens, num_heads, rank)  # v_k = dy B_k
+    dh = scaling * (g.to(v.dtype).unsqueeze(2) * v).sum(dim=1)  # (N, r)
+    dg = scaling * (v.to(g.dtype) * h.to(g.dtype).unsqueeze(1)).sum(dim=2)  # (N, K), router dtype
+    dz = (g * (dg - (g * dg).sum(dim=1, keepdim=True))).to(x2d.dtype)  # softmax backward
+
+    if need_dwr:
+        d_router = dz.t() @ x2d
+    if need_da:
+        d_lora_a = dh.t() @ apply_dropout(x2d, seed, dropout_p)
+    if need_dx:
+        dx = dy @ weight + apply_dropout(dh @ lora_a, seed, dropout_p) + dz @ router_weight
+    return dx, d_router, d_lora_a, d_lora_b
