@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv, install torch (pinned), the dev requirements and this package (with its compiled
+# extension: the C++ CPU kernels always, the CUDA kernels too when a CUDA toolkit is found).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# CUDA toolkit for the CUDA kernels (compiled and linked even without a GPU); empty = CPU kernels only
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+export MAX_JOBS ?= 2
+
+ifneq ($(CUDA_HOME),)
+BUILD_ENV := CUDA_HOME=$(CUDA_HOME) ILORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
+else
+BUILD_ENV :=
+endif
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: demo test bench-cpu bench-gpu gpu-check check-cuda env clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.built
+	$(PY) -m ilora_kernels.demo
+
+test: $(VENV)/.built
+	@if [ -n "$(CUDA_HOME)" ]; then bash scripts/check_cuda_sources.sh; fi
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+env: $(VENV)/.built
+	$(PY) -m ilora_kernels.env
+
+bench-cpu: $(VENV)/.built
+	$(PY) -m benchmarks.run --suite cpu
+
+# On a machine with a CUDA GPU: build with CUDA, run the GPU tests and the GPU benchmark suite.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build dist *.egg-info ilora_kernels/_C*.so .pytest_cache .benchmarks

@@ -1,0 +1,36 @@
+"""Environment report: ``python -m ilora_kernels.env`` prints versions and which backends work, and why not."""
+
+from __future__ import annotations
+
+import platform
+
+
+def report() -> str:
+    import torch
+
+    from . import __version__, _extension
+    from .functional import available_backends
+
+    lines = [f"ilora_kernels {__version__}", f"python {platform.python_version()} ({platform.machine()})",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton not installed")
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
+    else:
+        lines.append("device: no CUDA device visible")
+    if _extension.load():
+        from . import _C
+        lines.append(f"extension ilora_kernels._C: built for torch {_C.torch_version()}, "
+                     f"CUDA kernels {'compiled in' if _C.with_cuda() else 'not compiled'}")
+    lines.append("backends:")
+    for name, reason in available_backends().items():
+        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
