@@ -1,0 +1,618 @@
+"""The Triton backend: fused I-LoRA kernels and the ``ilora_kernels::triton_forward`` / ``triton_backward`` ops.
+
+Forward (2 launches):
+  1. ``_shrink_route_kernel``: one pass over x per token block with two fp32 accumulators, router logits
+     ``x W_r^T`` (clean x) and ``h = A dropout(x)`` (mask regenerated in registers); fp32 softmax / top-k in
+     registers; writes h (N, r), g (N, K) float32 and u = [g_1 h, ..., g_K h] (N, K r).
+  2. ``_base_expand_kernel``: ``y = [x | u] [W | s B_cat]^T + b``: the usual reduction over d_in followed by
+     K r / BLOCK_K more iterations over u and B_cat (read straight from lora_b's (K, d_out, r) layout).
+     ``ILORA_TRITON_BASE_GEMM=cublas`` replaces it by ``addmm(b, x, W^T)`` + ``addmm_(u, B_cat^T, alpha=s)``;
+     the default ``auto`` picks by size (see ``_base_gemm_mode``).
+
+Backward:
+  1. ``_expand_backward_kernel``: per token block, V = dy B_cat accumulated in fp32 registers over d_out blocks
+     (dy read once), then dh = s sum_k g_k v_k, dg_k = s <v_k, h>, dz = g (dg - <g, dg>); writes dh, dz.
+     On CUDA by default (and whenever K r is too large for registers) V comes from a cuBLAS GEMM instead and the
+     same kernel does only the per-token part (see ``_use_fused_v``).
+  2. dB = s dy^T u: one GEMM (torch), u recomputed from g and h.
+  3. ``_shrink_backward_kernel``: dW_r = dz^T x and dA = dh^T dropout(x) in one pass over x (split over tokens,
+     fp32 partials summed by torch).
+  4. dx = dy W (torch) then ``_dx_kernel`` adds dz W_r + mask / (1 - p) * (dh A) (mask regenerated in-kernel).
+
+The dropout mask is the counter-based hash of ``ilora_kernels._dropout`` (murmur3 fmix32 on (seed, row, col)),
+computed here in uint32 arithmetic, which wraps exactly like the reference's int64 arithmetic masked to 32 bits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._dropout import keep_threshold, seed32
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---------------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _row_hash(rows, seed):
+    """fmix32(row * 0x9E3779B9 + seed) for int64 row indices (uint32 arithmetic); seed is a uint32 scalar."""
+    # (rows * 0 + seed): seed may arrive as a specialised Python int (Triton turns an int argument of 1 into a
+    # constant), so make it a tensor before the cast
+    return _fmix32(rows.to(tl.uint32) * 0x9E3779B9 + (rows * 0 + seed).to(tl.uint32))
+
+
+@triton.jit
+def _keep(row_hash, cols, threshold):
+    """Keep mask (rows x cols) from per-row hashes (R,) and int64 column indices (C,)."""
+    bits = _fmix32(row_hash[:, None] ^ (cols.to(tl.uint32) * 0x85EBCA77)[None, :])
+    return (bits >> 8).to(tl.int64) >= threshold
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward kernel 1: shrink + route
+
+
+@triton.jit
+def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
+                         N, d_in, K, R, KR,
+                         sxm, sxk, swr0, swr1, sa0, sa1,
+                         seed, threshold, drop_scale,
+                         HAS_DROPOUT: tl.constexpr, TOP_K: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    cols_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    ks = tl.arange(0, KP)
+    rs = tl.arange(0, RP)
+    k_ok = ks < K
+    r_ok = rs < R
+
+    x_ptrs = x_ptr + rows[:, None] * sxm + cols_d[None, :] * sxk
+    wr_ptrs = wr_ptr + ks.to(tl.int64)[None, :] * swr0 + cols_d[:, None] * swr1     # (BLOCK_D, KP) = W_r^T
+    a_ptrs = a_ptr + rs.to(tl.int64)[None, :] * sa0 + cols_d[:, None] * sa1         # (BLOCK_D, RP) = A^T
+    if HAS_DROPOUT:
+        rh = _row_hash(rows, seed)
+
+    logits = tl.zeros((BLOCK_M, KP), dtype=tl.float32)
+    hacc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    for d0 in range(0, d_in, BLOCK_D):
+        d_ok = (d0 + cols_d) < d_in
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wrt = tl.load(wr_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        logits = _dot(xt, wrt, logits, IEEE)
+        if HAS_DROPOUT:
+            keep = _keep(rh, d0 + cols_d, threshold)
+            xd = tl.where(keep, xt.to(tl.float32) * drop_scale, 0.0).to(xt.dtype)
+            hacc = _dot(xd, at, hacc, IEEE)
+        else:
+            hacc = _dot(xt, at, hacc, IEEE)
+        x_ptrs += BLOCK_D * sxk
+        wr_ptrs += BLOCK_D * swr1
+        a_ptrs += BLOCK_D * sa1
+
+    # router: fp32 softmax (over the TOP_K largest logits when TOP_K > 0)
+    neg_inf = float("-inf")
+    lg = tl.where(k_ok[None, :], logits, neg_inf)
+    if TOP_K > 0:
+        sel = tl.zeros((BLOCK_M, KP), dtype=tl.int32)
+        for _ in tl.static_range(TOP_K):
+            cand = tl.where(sel != 0, neg_inf, lg)
+            mx = tl.max(cand, axis=1)
+            idx = tl.min(tl.where(cand == mx[:, None], ks[None, :], KP), axis=1)
+            sel = tl.where(ks[None, :] == idx[:, None], 1, sel)
+        lg = tl.where(sel != 0, lg, neg_inf)
+    mx = tl.max(lg, axis=1)
+    e = tl.exp(lg - mx[:, None])
+    e = tl.where(lg == neg_inf, 0.0, e)
+    g = e / tl.sum(e, axis=1)[:, None]
+
+    tl.store(g_ptr + rows[:, None] * K + ks[None, :], g, mask=row_ok[:, None] & k_ok[None, :])
+    h_act = hacc.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows[:, None] * R + rs[None, :], h_act, mask=row_ok[:, None] & r_ok[None, :])
+    # u = [g_1 h, ..., g_K h], g cast to the activation dtype first (exact product in fp32, one rounding)
+    hf = h_act.to(tl.float32)
+    g_act = g.to(h_ptr.dtype.element_ty).to(tl.float32)
+    u_ptrs = u_ptr + rows[:, None] * KR + rs[None, :]
+    for k in range(0, K):
+        gk = tl.sum(tl.where(ks[None, :] == k, g_act, 0.0), axis=1)
+        uk = (gk[:, None] * hf).to(u_ptr.dtype.element_ty)
+        tl.store(u_ptrs + k * R, uk, mask=row_ok[:, None] & r_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward kernel 2: base GEMM with the expand as an extended reduction
+
+
+@triton.jit
+def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
+                      N, d_out, d_in, KR, R,
+                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(d_out, BLOCK_N)
+    group = GROUP_M * num_n
+    group_id = pid // group
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % gsize)
+    pid_n = (pid % group) // gsize
+
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rm_s = rm % N          # clamp ragged rows/cols to valid addresses; masked at the store
+    rn_s = rn % d_out
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+
+    x_ptrs = x_ptr + rm_s[:, None] * sxm + rk[None, :] * sxk
+    w_ptrs = w_ptr + rn_s[None, :] * swn + rk[:, None] * swk                         # (BLOCK_K, BLOCK_N) = W^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + rk) < d_in
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, IEEE)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+
+    # extended reduction: u (N, K r) against B_cat^T, B_cat[n, k r + j] = lora_b[k, n, j]
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, KR, BLOCK_K):
+        cc = c0 + rk
+        c_ok = cc < KR
+        head = cc // R
+        j = cc - head * R
+        ut = tl.load(u_ptr + rm_s[:, None] * KR + cc[None, :], mask=c_ok[None, :], other=0.0)
+        bt = tl.load(lb_ptr + head[:, None] * sb0 + rn_s[None, :] * sb1 + j[:, None] * sb2, mask=c_ok[:, None],
+                     other=0.0)
+        acc2 = _dot(ut, bt, acc2, IEEE)
+
+    acc = acc + scaling * acc2
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn_s).to(tl.float32)
+        acc = acc + bias[None, :]
+    mask = (rm < N)[:, None] & (rn < d_out)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
+                        N, d_out, d_in, KR, R, N_BUCKET,
+                        sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, N, d_out, d_in, KR, R,
+                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                      HAS_BIAS, IEEE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def _gemm_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    ]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Small problems (decode, tests) take the smallest tile without benchmarking; big ones try them all."""
+    if named_args["N_BUCKET"] <= 64 or named_args["d_out"] <= 256:
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return configs
+
+
+if _INTERPRET:   # multi-config autotune needs a real timer: the interpreter uses one fixed config
+    _base_expand_tuned = None
+else:
+    _base_expand_tuned = triton.autotune(configs=_gemm_configs(),
+                                         key=["N_BUCKET", "d_out", "d_in", "KR", "HAS_BIAS", "IEEE", "EVEN_K"],
+                                         prune_configs_by={"early_config_prune": _prune_gemm_configs})(
+        _base_expand_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward kernel 1: expand backward (V = dy B_cat) + router backward
+
+
+@triton.jit
+def _expand_backward_kernel(dy_ptr, lb_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, dz_ptr,
+                            N, d_out, K, R,
+                            sdym, sdyn, sb0, sb1, sb2, svm, scaling,
+                            FROM_V: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    ks = tl.arange(0, KP)
+    rs = tl.arange(0, RP)
+    k_ok = ks < K
+    r_ok = rs < R
+
+    if FROM_V:
+        # V (N, K r) precomputed: load it as (BLOCK_M, KP, RP)
+        kk = ks.to(tl.int64)[None, :, None]
+        jj = rs.to(tl.int64)[None, None, :]
+        vmask = row_ok[:, None, None] & k_ok[None, :, None] & r_ok[None, None, :]
+        v3 = tl.load(v_ptr + rows[:, None, None] * svm + kk * R + jj, mask=vmask, other=0.0).to(tl.float32)
+    else:
+        # columns c = k * RP + j (heads padded to RP), reshaped to (BLOCK_M, KP, RP) after the loop
+        cs = tl.arange(0, KP * RP)
+        ch = (cs // RP).to(tl.int64)
+        cj = (cs % RP).to(tl.int64)
+        c_ok = (ch < K) & (cj < R)
+        rn = tl.arange(0, BLOCK_N).to(tl.int64)
+        dy_ptrs = dy_ptr + rows[:, None] * sdym + rn[None, :] * sdyn
+        b_ptrs = lb_ptr + ch[None, :] * sb0 + rn[:, None] * sb1 + cj[None, :] * sb2    # (BLOCK_N, KP*RP)
+        vacc = tl.zeros((BLOCK_M, KP * RP), dtype=tl.float32)
+        for n0 in range(0, d_out, BLOCK_N):
+            n_ok = (n0 + rn) < d_out
+            dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            vacc = _dot(dyt, bt, vacc, IEEE)
+            dy_ptrs += BLOCK_N * sdyn
+            b_ptrs += BLOCK_N * sb1
+        v3 = tl.reshape(vacc, (BLOCK_M, KP, RP))
+
+    g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * R + rs[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    hf = h.to(tl.float32)
+    g_act = g.to(h_ptr.dtype.element_ty).to(tl.float32)          # the forward multiplied by g in activation dtype
+    dh = scaling * tl.sum(v3 * g_act[:, :, None], axis=1)                     # (BLOCK_M, RP)
+    dg = scaling * tl.sum(v3 * hf[:, None, :], axis=2)                         # (BLOCK_M, KP)
+    dz = g * (dg - tl.sum(g * dg, axis=1)[:, None])
+    tl.store(dh_ptr + rows[:, None] * R + rs[None, :], dh.to(dh_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & r_ok[None, :])
+    tl.store(dz_ptr + rows[:, None] * K + ks[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward kernel: dW_r = dz^T x and dA = dh^T dropout(x), reduction over tokens (split, fp32 partials)
+
+
+@triton.jit
+def _shrink_backward_kernel(x_ptr, dz_ptr, dh_ptr, pwr_ptr, pa_ptr,
+                            N, d_in, K, R, tokens_per_split,
+                            sxm, sxk,
+                            seed, threshold, drop_scale,
+                            HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    col_ok = cols < d_in
+    ks = tl.arange(0, KP).to(tl.int64)
+    rs = tl.arange(0, RP).to(tl.int64)
+    k_ok = ks < K
+    r_ok = rs < R
+    ts = tl.arange(0, BLOCK_T).to(tl.int64)
+
+    acc_r = tl.zeros((KP, BLOCK_D), dtype=tl.float32)
+    acc_a = tl.zeros((RP, BLOCK_D), dtype=tl.float32)
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, N)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + ts
+        t_ok = rows < t_end
+        xt = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=t_ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        dzt = tl.load(dz_ptr + rows[None, :] * K + ks[:, None], mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+        dht = tl.load(dh_ptr + rows[None, :] * R + rs[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        acc_r = _dot(dzt, xt, acc_r, IEEE)
+        if HAS_DROPOUT:
+            keep = _keep(_row_hash(rows, seed), cols, threshold)
+            xd = tl.where(keep, xt.to(tl.float32) * drop_scale, 0.0).to(xt.dtype)
+            acc_a = _dot(dht, xd, acc_a, IEEE)
+        else:
+            acc_a = _dot(dht, xt, acc_a, IEEE)
+
+    base_r = pwr_ptr + pid_s * K * d_in
+    tl.store(base_r + ks[:, None] * d_in + cols[None, :], acc_r, mask=k_ok[:, None] & col_ok[None, :])
+    base_a = pa_ptr + pid_s * R * d_in
+    tl.store(base_a + rs[:, None] * d_in + cols[None, :], acc_a, mask=r_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward kernel: dx += dz W_r + mask / (1 - p) * (dh A)   (dx already holds dy W)
+
+
+@triton.jit
+def _dx_kernel(dx_ptr, dz_ptr, dh_ptr, wr_ptr, a_ptr,
+               N, d_in, K, R,
+               sdxm, sdxk, swr0, swr1, sa0, sa1,
+               seed, threshold, drop_scale,
+               HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < d_in
+    ks = tl.arange(0, KP).to(tl.int64)
+    k_ok = ks < K
+    rr = tl.arange(0, BLOCK_R).to(tl.int64)
+
+    dzt = tl.load(dz_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    wrt = tl.load(wr_ptr + ks[:, None] * swr0 + cols[None, :] * swr1, mask=k_ok[:, None] & col_ok[None, :],
+                  other=0.0)
+    acc_r = _dot(dzt, wrt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), IEEE)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rr) < R
+        dht = tl.load(dh_ptr + rows[:, None] * R + (r0 + rr)[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                      other=0.0)
+        at = tl.load(a_ptr + (r0 + rr)[:, None] * sa0 + cols[None, :] * sa1, mask=r_ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        acc_a = _dot(dht, at, acc_a, IEEE)
+    if HAS_DROPOUT:
+        keep = _keep(_row_hash(rows, seed), cols, threshold)
+        acc_a = tl.where(keep, acc_a * drop_scale, 0.0)
+    mask = row_ok[:, None] & col_ok[None, :]
+    dx_ptrs = dx_ptr + rows[:, None] * sdxm + cols[None, :] * sdxk
+    base = tl.load(dx_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptrs, (base + acc_r + acc_a).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _empty(*shape, dtype, device) -> Tensor:
+    """Allocation of every output buffer (a hook: tests replace it to prefill outputs with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    has = dropout_p > 0.0
+    return has, (seed32(seed) if has else 0), (keep_threshold(dropout_p) if has else 0), \
+        (1.0 / (1.0 - dropout_p) if has else 1.0)
+
+
+_AUTO_FUSED_MAX = 1 << 22     # N * d_out up to which "auto" picks the fused base GEMM (H100 measurement)
+
+
+def _base_gemm_mode(n: int, d_out: int) -> str:
+    """ILORA_TRITON_BASE_GEMM, read at call time: "fused" (Triton GEMM with the expand as an extended reduction),
+    "cublas" (addmm + addmm_) or "auto" (default): on an H100 the Triton GEMM lost to cuBLAS at 4096 x 3584 -> 3584
+    and -> 18944 but won at -> 512 (the cuBLAS path pays two launches and the B_cat copy), so auto picks by size."""
+    mode = os.environ.get("ILORA_TRITON_BASE_GEMM", "auto").strip().lower() or "auto"
+    if mode not in ("fused", "cublas", "auto"):
+        raise ValueError(f"ILORA_TRITON_BASE_GEMM must be 'fused', 'cublas' or 'auto', got {mode!r}")
+    if mode == "auto":
+        mode = "fused" if n * d_out <= _AUTO_FUSED_MAX else "cublas"
+    return mode
+
+
+def _use_fused_v(cols: int) -> bool:
+    """V = dy B_cat inside the expand-backward kernel (fp32 registers) or from a cuBLAS GEMM. On an H100 the fused
+    kernel was ~9x slower than cuBLAS + the per-token kernel at 4096 x 18944 (K r = 384; 128 programs of tiny MMAs),
+    so on CUDA it is opt-in (ILORA_TRITON_FUSED_V=1); the interpreter uses it by default so CPU tests cover it."""
+    if cols > _MAX_FUSED_V:
+        return False
+    if _INTERPRET:
+        return os.environ.get("ILORA_TRITON_FUSED_V", "1") == "1"
+    return os.environ.get("ILORA_TRITON_FUSED_V", "0") == "1"
+
+
+def _concat_heads(lora_b: Tensor) -> Tensor:
+    k, d_out, r = lora_b.shape
+    return lora_b.permute(1, 0, 2).reshape(d_out, k * r)
+
+
+def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
+    n, d_in = x.shape
+    d_out = weight.shape[0]
+    k, _, r = lora_b.shape
+    ieee = x.dtype == torch.float32
+    has_bias = bias is not None
+    b_arg = bias if has_bias else weight
+    common = (x, weight, b_arg, u, lora_b, y, n, d_out, d_in, k * r, r)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_b.stride(0), lora_b.stride(1),
+               lora_b.stride(2), y.stride(0), y.stride(1), float(scaling))
+    if _base_expand_tuned is None:
+        bm, bn, bk = 32, 32, 32
+        grid = (triton.cdiv(n, bm) * triton.cdiv(d_out, bn),)
+        _base_expand_kernel[grid](*common, 0, *strides, HAS_BIAS=has_bias, IEEE=ieee, EVEN_K=(d_in % bk == 0),
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        even_k = d_in % 64 == 0      # every config uses BLOCK_K in {32, 64}
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)  # noqa: E731
+        _base_expand_tuned[grid](*common, min(_pow2(n), 8192), *strides, HAS_BIAS=has_bias, IEEE=ieee,
+                                 EVEN_K=even_k)
+
+
+def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
+                 lora_b: Tensor, scaling: float, dropout_p: float, seed: int, top_k: int):
+    n, d_in = x.shape
+    d_out = weight.shape[0]
+    num_heads, rank = router_weight.shape[0], lora_a.shape[0]
+    dev, dt = x.device, x.dtype
+    y = _empty(n, d_out, dtype=dt, device=dev)
+    h = _empty(n, rank, dtype=dt, device=dev)
+    g = _empty(n, num_heads, dtype=torch.float32, device=dev)
+    if n == 0:
+        return y, h, g
+    u = _empty(n, num_heads * rank, dtype=dt, device=dev)
+    has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
+    kp, rp = _pow2(num_heads, 16), _pow2(rank, 16)
+    ieee = dt == torch.float32
+    top = int(top_k) if 0 < int(top_k) < num_heads else 0
+    if _INTERPRET:
+        bm, bd, warps, stages = 32, 32, 4, 1
+    else:   # H100 sweep at 4096 x 3584, K=3, r=128: (64, 64, 8 warps, 4 stages) 68 us vs (32, 64, 4, 3) 87 us
+        bm = 64 if rp <= 128 else 16
+        bd, warps, stages = 64, (8 if rp <= 128 else 4), 4
+    _shrink_route_kernel[(triton.cdiv(n, bm),)](
+        x, router_weight, lora_a, h, g, u, n, d_in, num_heads, rank, num_heads * rank,
+        x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
+        lora_a.stride(1), seed_u, thr, dscale,
+        HAS_DROPOUT=has_drop, TOP_K=top, IEEE=ieee, BLOCK_M=bm, BLOCK_D=bd, KP=kp, RP=rp, num_warps=warps,
+        num_stages=stages)
+    if _base_gemm_mode(n, d_out) == "cublas":
+        if bias is None:
+            torch.mm(x, weight.t(), out=y)
+        else:
+            torch.addmm(bias, x, weight.t(), out=y)
+        y.addmm_(u, _concat_heads(lora_b).t(), alpha=scaling)
+    else:
+        _launch_base_expand(x, weight, bias, u, lora_b, y, scaling)
+    return y, h, g
+
+
+_MAX_FUSED_V = 512      # fp32 columns of V kept in registers per token block
+
+
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                  h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int, output_mask: List[bool]):
+    need_dx, need_dwr, need_da, need_db = (bool(m) for m in output_mask)
+    n, d_in = x.shape
+    num_heads, d_out, rank = lora_b.shape
+    dev, dt = x.device, x.dtype
+    ieee = dt == torch.float32
+    h = h.contiguous()
+    g = g.contiguous()
+    dx = d_router = d_lora_a = d_lora_b = None
+
+    if need_db:
+        d_lora_b = _empty(num_heads, d_out, rank, dtype=lora_b.dtype, device=dev)
+        if n == 0:
+            d_lora_b.zero_()
+        else:
+            u = (g.to(dt).unsqueeze(2) * h.unsqueeze(1)).reshape(n, num_heads * rank)
+            d_b_cat = torch.mm(dy.t(), u)                                          # (d_out, K r)
+            d_lora_b.copy_(d_b_cat.view(d_out, num_heads, rank).permute(1, 0, 2))
+            d_lora_b.mul_(scaling)
+
+    if need_dx or need_dwr or need_da:
+        has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
+        dh = _empty(n, rank, dtype=dt, device=dev)
+        dz = _empty(n, num_heads, dtype=dt, device=dev)
+        kpv, rpv = _pow2(num_heads, 2), _pow2(rank, 16)
+        if n > 0:
+            from_v = not _use_fused_v(kpv * rpv)
+            if from_v:
+                v = torch.mm(dy, _concat_heads(lora_b))                            # (N, K r) cuBLAS
+                bm, bn, warps = 16, 16, 4
+                v_arg, svm = v, v.stride(0)
+            else:
+                v_arg, svm = dy, 0
+                if _INTERPRET:
+                    bm, bn, warps = 32, 32, 4
+                else:
+                    bm = 64 if kpv * rpv <= 256 else 32
+                    esz = dy.element_size()
+                    bn = max(16, min(64, 32768 // (kpv * rpv * esz)))
+                    warps = 8 if kpv * rpv >= 256 else 4
+            _expand_backward_kernel[(triton.cdiv(n, bm),)](
+                dy, lora_b, v_arg, g, h, dh, dz, n, d_out, num_heads, rank,
+                dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), svm,
+                float(scaling), FROM_V=from_v, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, KP=kpv, RP=rpv,
+                num_warps=warps, num_stages=2)
+
+        kp16, rp16 = _pow2(num_heads, 16), _pow2(rank, 16)
+        if need_dwr or need_da:
+            bt, bd = (32, 32) if _INTERPRET else (64, 64)
+            n_dblk = triton.cdiv(d_in, bd)
+            n_tblk = max(1, triton.cdiv(n, bt))
+            if _INTERPRET:
+                splits = min(n_tblk, 2)
+            else:
+                sms = torch.cuda.get_device_properties(dev).multi_processor_count
+                splits = max(1, min(n_tblk, triton.cdiv(2 * sms, n_dblk)))
+            tokens_per_split = triton.cdiv(n_tblk, splits) * bt
+            splits = max(1, triton.cdiv(n, tokens_per_split))
+            pwr = _empty(splits, num_heads, d_in, dtype=torch.float32, device=dev)
+            pa = _empty(splits, rank, d_in, dtype=torch.float32, device=dev)
+            if n == 0:
+                pwr.zero_()
+                pa.zero_()
+            else:
+                _shrink_backward_kernel[(n_dblk, splits)](
+                    x, dz, dh, pwr, pa, n, d_in, num_heads, rank, tokens_per_split, x.stride(0), x.stride(1),
+                    seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, BLOCK_T=bt, BLOCK_D=bd, KP=kp16,
+                    RP=rp16, num_warps=4 if rp16 <= 64 else 8)
+            if need_dwr:
+                d_router = _empty(num_heads, d_in, dtype=router_weight.dtype, device=dev)
+                d_router.copy_(pwr.sum(dim=0))
+            if need_da:
+                d_lora_a = _empty(rank, d_in, dtype=lora_a.dtype, device=dev)
+                d_lora_a.copy_(pa.sum(dim=0))
+
+        if need_dx:
+            dx = _empty(n, d_in, dtype=dt, device=dev)
+            torch.mm(dy, weight, out=dx)
+            if n > 0:
+                bm, bd = (32, 32) if _INTERPRET else (64, 64)
+                br = min(rp16, 64)
+                _dx_kernel[(triton.cdiv(n, bm), triton.cdiv(d_in, bd))](
+                    dx, dz, dh, router_weight, lora_a, n, d_in, num_heads, rank,
+                    dx.stride(0), dx.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
+                    lora_a.stride(1), seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, BLOCK_M=bm,
+                    BLOCK_D=bd, KP=kp16, BLOCK_R=br, num_warps=4)
+
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, d_router, d_lora_a, d_lora_b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the custom ops
+
+
+@torch.library.custom_op("ilora_kernels::triton_forward", mutates_args=())
+def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
+                    lora_b: Tensor, scaling: float, dropout_p: float, seed: int,
+                    top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    return forward_impl(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
+
+
+@torch.library.custom_op("ilora_kernels::triton_backward", mutates_args=())
+def _triton_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                     h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int,
+                     output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
+
+
+from ..functional import _attach  # noqa: E402
+
+_attach("ilora_kernels::triton_forward", "ilora_kernels::triton_backward")
+
+FORWARD_OP = torch.ops.ilora_kernels.triton_forward

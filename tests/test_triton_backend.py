@@ -1,0 +1,363 @@
+"""The Triton backend against an independent float64 implementation of SPEC section 1.
+
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.py): float32 and float16 there
+(a bf16 ``tl.dot`` is wrong under the interpreter); bfloat16 and the large shape only with a CUDA device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ilora_kernels as ik
+import ilora_kernels.functional as functional
+from ilora_kernels._dropout import keep_mask
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+_status = functional._triton_status()
+pytestmark = pytest.mark.skipif(_status is not None, reason=f"Triton backend unavailable: {_status}")
+
+if _status is None:
+    from ilora_kernels.ops import triton_ilora as T
+else:  # pragma: no cover
+    T = None
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+MODES = ["fused", "cublas", "auto"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the independent float64 oracle (loop over heads; autograd gives the gradients)
+
+
+def oracle(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k):
+    """y (N, d_out) and g (N, K) of SPEC section 1 in x's dtype (float64 for the oracle), one head at a time."""
+    n, d_in = x.shape
+    num_heads = router_weight.shape[0]
+    logits = x @ router_weight.t()
+    if top_k is not None and 0 < top_k < num_heads:
+        vals, idx = logits.topk(top_k, dim=-1)
+        g = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(vals, dim=-1))
+    else:
+        g = torch.softmax(logits, dim=-1)
+    if dropout_p > 0:
+        mask = keep_mask(seed, n, d_in, dropout_p, device=x.device).to(x.dtype)
+        x_drop = x * mask / (1.0 - dropout_p)
+    else:
+        x_drop = x
+    h = x_drop @ lora_a.t()
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    for k in range(num_heads):
+        y = y + scaling * g[:, k:k + 1] * (h @ lora_b[k].t())
+    return y, g, h
+
+
+def make_inputs(n, d_in, d_out, k, r, routing="random", dtype=torch.float32, device=DEVICE, bias=True):
+    """Fresh random O(1) inputs (never zeros); ``routing`` shapes the router logits."""
+    gen = torch.Generator().manual_seed(1000 * n + 100 * d_in + 10 * d_out + 7 * k + r)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    x = rnd(n, d_in)
+    wr = rnd(k, d_in, scale=2.0 / math.sqrt(d_in))
+    if routing == "one_head":      # every token to head 0 (logit gap ~ 25)
+        x[:, 0] = 4.0 + 0.1 * rnd(n)
+        wr = rnd(k, d_in, scale=0.05 / math.sqrt(d_in))
+        wr[:, 0] = -3.0
+        wr[0, 0] = 3.0
+    elif routing == "uniform":     # g ~ 1/K
+        wr = rnd(k, d_in, scale=1e-4)
+    elif routing == "skewed":      # a wide spread of logits
+        wr = rnd(k, d_in, scale=5.0 / math.sqrt(d_in)) * torch.linspace(1.0, 0.2, k, dtype=torch.float64)[:, None]
+    elif routing == "near_tied":   # all heads almost the same router row
+        wr = rnd(1, d_in, scale=1.0 / math.sqrt(d_in)) + rnd(k, d_in, scale=2e-2 / math.sqrt(d_in))
+    w = rnd(d_out, d_in, scale=1.0 / math.sqrt(d_in))
+    b = rnd(d_out) if bias else None
+    a = rnd(r, d_in, scale=1.0 / math.sqrt(d_in))
+    bb = rnd(k, d_out, r, scale=1.0 / math.sqrt(r))
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in (x, w, b, wr, a, bb)]
+
+
+def rel_err(got, want, floor=1e-2):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / max(want.abs().max().item(), floor)).item()
+
+
+def grads_of(fn, inputs, dy, dg=None):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    y, g = fn(*leaves)
+    loss = (y.double() * dy.double()).sum()
+    if dg is not None:
+        loss = loss + (g.double() * dg.double()).sum()
+    diff = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, diff)
+    return y.detach(), g.detach(), dict(zip(["x", "weight", "bias", "router_weight", "lora_a", "lora_b"], grads))
+
+
+def check_against_oracle(inputs, scaling, dropout_p, seed, top_k, run, dtype, dg=False, fp32_tol=1e-4):
+    """Runs ``run`` (the Triton layer) and compares y, g and every gradient with the float64 oracle; the tolerance
+    for half types is a small multiple of the error of the same math done by torch in that dtype."""
+    n, d_out = inputs[0].shape[0], inputs[1].shape[0]
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(n, d_out, generator=gen, dtype=torch.float64).to(inputs[0].device)
+    dgv = torch.randn(n, inputs[3].shape[0], generator=gen, dtype=torch.float64).to(inputs[0].device) if dg else None
+
+    def ora(*t):
+        y, g, _ = oracle(*t, scaling, dropout_p, seed, top_k)
+        return y, g
+
+    y_t, g_t, gr_t = grads_of(run, inputs, dy.to(dtype), None if dgv is None else dgv)
+    inputs64 = [None if t is None else t.double() for t in inputs]
+    y_o, g_o, gr_o = grads_of(ora, inputs64, dy, dgv)
+    y_l = g_l = gr_l = None
+    if dtype != torch.float32:
+        y_l, g_l, gr_l = grads_of(ora, inputs, dy.to(dtype), None if dgv is None else dgv.to(dtype))
+
+    assert y_t.dtype == dtype and g_t.dtype == torch.float32
+    pairs = [("y", y_t, y_o, y_l), ("g", g_t, g_o, g_l)]
+    pairs += [(name, gr_t[name], gr_o[name], None if gr_l is None else gr_l[name]) for name in gr_t]
+    # gradients that are ~0 by cancellation (d router_weight when g is one-hot) are measured against the largest
+    # gradient: their exact value is 0 but dz = g (dg - <g, dg>) keeps an O(eps |dg|) rounding residue
+    grad_floor = 1e-2 * max(gr_o[name].abs().max().item() for name in gr_o)
+    for name, got, want, low in pairs:
+        assert torch.isfinite(got).all(), name
+        err = rel_err(got, want, floor=max(1e-2, grad_floor) if name in gr_o else 1e-2)
+        if dtype == torch.float32:
+            tol = fp32_tol
+        else:
+            # torch's own error in this dtype, capped (near-tied top-k can flip its selection) plus one ulp
+            eps = torch.finfo(dtype).eps
+            tol = 4.0 * min(rel_err(low, want), 8.0 * eps) + eps
+        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward + every gradient through ilora_linear(backend="triton")
+
+CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
+    (1, 5, 3, 1, 1, None, 0.0, "random"),
+    (7, 17, 19, 3, 8, None, 0.3, "random"),
+    (33, 40, 70, 3, 8, 2, 0.3, "skewed"),
+    (33, 17, 70, 5, 32, 2, 0.0, "near_tied"),
+    (7, 40, 3, 5, 1, 1, 0.3, "uniform"),
+    (33, 5, 19, 3, 32, None, 0.0, "one_head"),
+    (1, 40, 70, 5, 8, 2, 0.3, "random"),
+    (33, 40, 19, 1, 32, None, 0.3, "random"),
+    (7, 5, 70, 3, 1, 1, 0.0, "near_tied"),
+    (33, 17, 3, 5, 8, None, 0.3, "uniform"),
+    (7, 17, 19, 3, 8, 1, 0.3, "one_head"),
+    (33, 40, 70, 5, 32, None, 0.0, "skewed"),
+    (7, 64, 19, 3, 8, None, 0.3, "near_tied"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES[:2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ilora_linear_triton_matches_float64(case, dtype, mode, monkeypatch):
+    n, d_in, d_out, k, r, top_k, p, routing = case
+    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
+    inputs = make_inputs(n, d_in, d_out, k, r, routing, dtype)
+    torch.manual_seed(11)
+    seed = functional._draw_seed() if p else 0
+
+    def run(x, w, b, wr, a, bb):
+        torch.manual_seed(11)   # ilora_linear draws the same seed
+        return ik.ilora_linear(x, w, b, wr, a, bb, 1.7, dropout_p=p, training=True, top_k=top_k,
+                               backend="triton", return_router_weights=True)
+
+    check_against_oracle(inputs, 1.7, p, seed, top_k, run, dtype, dg=(case[0] == 33))
+
+
+def test_leading_dims_and_no_bias():
+    x, w, _, wr, a, bb = make_inputs(12, 17, 19, 3, 8, "random", torch.float32, bias=False)
+    x3 = x.view(2, 6, 17)
+    y, g = ik.ilora_linear(x3, w, None, wr, a, bb, 2.0, backend="triton", return_router_weights=True)
+    y_o, g_o, _ = oracle(*(t.double() for t in (x, w)), None, *(t.double() for t in (wr, a, bb)), 2.0, 0.0, 0, None)
+    assert y.shape == (2, 6, 19) and g.shape == (2, 6, 3)
+    assert rel_err(y.reshape(12, 19), y_o) < 1e-4 and rel_err(g.reshape(12, 3), g_o) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the raw ops: outputs h and g, output_mask, strided inputs, the V fallback, poison
+
+
+def _raw_backward_oracle(inputs, dy, scaling, p, seed, top_k):
+    leaves = [None if t is None else t.double().detach().requires_grad_() for t in inputs]
+    y, g, h = oracle(*leaves, scaling, p, seed, top_k)
+    grads = torch.autograd.grad((y * dy.double()).sum(), [leaves[0], leaves[3], leaves[4], leaves[5]])
+    return y.detach(), g.detach(), h.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p,top_k,seed", [(0.0, 0, 0), (0.3, 2, 2**31 + 12345), (0.3, 1, 1), (0.25, 0, 16)])
+def test_raw_ops_match_float64(dtype, p, top_k, seed):
+    """Seeds above int32, and 1 / 16 (Triton specialises integer arguments equal to 1 or divisible by 16)."""
+    n, d_in, d_out, k, r = 33, 40, 70, 3, 8
+    inputs = make_inputs(n, d_in, d_out, k, r, "skewed", dtype)
+    y, h, g = torch.ops.ilora_kernels.triton_forward(*inputs, 1.5, p, seed, top_k)
+    dy = torch.randn(n, d_out, dtype=torch.float64).to(DEVICE)
+    y_o, g_o, h_o, grads_o = _raw_backward_oracle(inputs, dy, 1.5, p, seed, top_k)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert h.dtype == dtype and y.dtype == dtype and g.dtype == torch.float32
+    assert rel_err(y, y_o) < tol and rel_err(h, h_o) < tol and rel_err(g, g_o) < tol
+    x, w, _, wr, a, bb = inputs
+    masks = [[True, True, True, True], [True, False, False, False], [False, True, False, False],
+             [False, False, True, False], [False, False, False, True], [False, True, True, False]]
+    for output_mask in masks:
+        out = torch.ops.ilora_kernels.triton_backward(dy.to(dtype), x, w, wr, a, bb, h, g, 1.5, p, seed, output_mask)
+        floor = max(1e-2, 1e-2 * max(t.abs().max().item() for t in grads_o))   # see check_against_oracle
+        for got, want, need, like, name in zip(out, grads_o, output_mask, (x, wr, a, bb), ("dx", "dwr", "da", "db")):
+            if need:
+                assert got.shape == like.shape and got.dtype == like.dtype
+                assert rel_err(got, want, floor) < tol, name
+            else:
+                assert got.numel() == 0
+
+
+def test_dropout_mask_is_the_shared_hash():
+    """h = A dropout(x) with A = I picks out dropout(x) itself: the mask must equal _dropout.keep_mask."""
+    n, d_in, p, seed = 37, 24, 0.4, 987654321
+    x = torch.rand(n, d_in, dtype=torch.float32, device=DEVICE) + 0.5        # strictly positive
+    a = torch.eye(d_in, dtype=torch.float32, device=DEVICE)
+    w = torch.randn(5, d_in, device=DEVICE)
+    wr = torch.randn(2, d_in, device=DEVICE)
+    bb = torch.randn(2, 5, d_in, device=DEVICE)
+    _, h, _ = torch.ops.ilora_kernels.triton_forward(x, w, None, wr, a, bb, 1.0, p, seed, 0)
+    want = keep_mask(seed, n, d_in, p, device=DEVICE)
+    assert torch.equal(h != 0, want)
+    torch.testing.assert_close(h[want], (x / (1 - p))[want], rtol=1e-6, atol=0)
+    # backward: dA = dh^T dropout(x) and the dx term use the same mask
+    dy = torch.randn(n, 5, device=DEVICE)
+    g = torch.full((n, 2), 0.5, device=DEVICE)
+    dx, _, d_a, _ = torch.ops.ilora_kernels.triton_backward(dy, x, w, wr, a, bb, h, g, 1.0, p, seed,
+                                                            [True, False, True, False])
+    dh = 0.5 * dy @ (bb[0] + bb[1])
+    x_drop = x * want / (1 - p)
+    torch.testing.assert_close(d_a, dh.t() @ x_drop, rtol=1e-4, atol=1e-4)
+    dg = torch.stack([(dy @ bb[i] * h).sum(1) for i in range(2)], 1)
+    dz = g * (dg - (g * dg).sum(1, keepdim=True))
+    want_dx = dy @ w + (dh @ a) * want / (1 - p) + dz @ wr
+    torch.testing.assert_close(dx, want_dx, rtol=1e-4, atol=1e-4)
+
+
+def test_strided_inputs():
+    """Non-contiguous x, weight, lora_b and dy are read through their strides."""
+    n, d_in, d_out, k, r = 19, 17, 21, 3, 8
+    x, w, b, wr, a, bb = make_inputs(n, d_in, d_out, k, r, "random", torch.float32)
+    xs = torch.empty(n, 2 * d_in, device=DEVICE)[:, ::2]
+    xs.copy_(x)
+    ws = w.t().contiguous().t()
+    bbs = bb.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    assert not (xs.is_contiguous() or ws.is_contiguous() or bbs.is_contiguous())
+    y, h, g = torch.ops.ilora_kernels.triton_forward(xs, ws, b, wr, a, bbs, 2.0, 0.3, 5, 0)
+    y0, h0, g0 = torch.ops.ilora_kernels.triton_forward(x, w, b, wr, a, bb, 2.0, 0.3, 5, 0)
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(h, h0)
+    dy = torch.randn(d_out, n, device=DEVICE).t()
+    out = torch.ops.ilora_kernels.triton_backward(dy, xs, ws, wr, a, bbs, h, g, 2.0, 0.3, 5, [True] * 4)
+    ref = torch.ops.ilora_kernels.triton_backward(dy.contiguous(), x, w, wr, a, bb, h, g, 2.0, 0.3, 5, [True] * 4)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_v", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_v_paths(dtype, fused_v, monkeypatch):
+    """Both ways of getting V = dy B_cat (in-kernel, or a GEMM + the per-token kernel) on a ragged shape."""
+    monkeypatch.setenv("ILORA_TRITON_FUSED_V", fused_v)
+    inputs = make_inputs(37, 40, 70, 3, 32, "skewed", dtype)
+    check_against_oracle(inputs, 1.1, 0.0, 0, 2,
+                         lambda *t: ik.ilora_linear(*t, 1.1, top_k=2, backend="triton", return_router_weights=True),
+                         dtype, dg=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fallback_v_path(dtype, monkeypatch):
+    """K r too large for registers: V from a GEMM and the per-token kernel; forced here on a small shape."""
+    monkeypatch.setattr(T, "_MAX_FUSED_V", 16)
+    inputs = make_inputs(7, 17, 19, 5, 8, "random", dtype)
+
+    def run(*t):
+        return ik.ilora_linear(*t, 1.3, dropout_p=0.3, training=True, top_k=2, backend="triton",
+                               return_router_weights=True)
+
+    torch.manual_seed(3)
+    seed = functional._draw_seed()
+
+    def run_seeded(*t):
+        torch.manual_seed(3)
+        return run(*t)
+
+    check_against_oracle(inputs, 1.3, 0.3, seed, 2, run_seeded, dtype)
+
+
+def test_large_rank_fallback_default():
+    """K = 5, r = 128 exceeds the register budget of the fused V kernel without any patching."""
+    inputs = make_inputs(5, 9, 11, 5, 128, "random", torch.float32)
+    check_against_oracle(inputs, 0.5, 0.0, 0, None,
+                         lambda *t: ik.ilora_linear(*t, 0.5, backend="triton", return_router_weights=True),
+                         torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_fully_overwritten(mode, monkeypatch):
+    """Every buffer the backend allocates is prefilled with NaN: no NaN may survive into the results."""
+    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
+    monkeypatch.setattr(T, "_empty", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+    for n, d_in, d_out, k, r in [(33, 40, 70, 3, 8), (7, 5, 3, 1, 1)]:
+        inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.float32)
+        y, h, g = torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.3, 9, 0)
+        assert torch.isfinite(y).all() and torch.isfinite(h).all() and torch.isfinite(g).all()
+        x, w, _, wr, a, bb = inputs
+        dy = torch.randn(n, d_out, device=DEVICE)
+        for got in torch.ops.ilora_kernels.triton_backward(dy, x, w, wr, a, bb, h, g, 1.0, 0.3, 9, [True] * 4):
+            assert torch.isfinite(got).all()
+
+
+def test_base_gemm_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", "nope")
+    inputs = make_inputs(3, 5, 3, 2, 2, "random", torch.float32)
+    with pytest.raises(ValueError, match="ILORA_TRITON_BASE_GEMM"):
+        torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.0, 0, 0)
+
+
+def test_opcheck():
+    x, w, b, wr, a, bb = make_inputs(5, 17, 19, 3, 8, "random", torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, wr, a, bb)]
+    torch.library.opcheck(torch.ops.ilora_kernels.triton_forward, (*leaves, 1.5, 0.2, 77, 0))
+    torch.library.opcheck(torch.ops.ilora_kernels.triton_forward, (x, w, None, wr, a, bb, 1.5, 0.0, 0, 2))
+    _, h, g = torch.ops.ilora_kernels.triton_forward(x, w, b, wr, a, bb, 1.5, 0.2, 77, 0)
+    dy = torch.randn(5, 19, device=DEVICE)
+    for mask in ([True] * 4, [False, True, False, True]):
+        torch.library.opcheck(torch.ops.ilora_kernels.triton_backward,
+                              (dy, x, w, wr, a, bb, h, g, 1.5, 0.2, 77, mask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: a Crab+ shape in bf16
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (bf16 Triton at a large shape)")
+@pytest.mark.parametrize("mode,fused_v", [("fused", "0"), ("cublas", "0"), ("fused", "1")])
+def test_large_bf16_matches_float64(mode, fused_v, monkeypatch):
+    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
+    monkeypatch.setenv("ILORA_TRITON_FUSED_V", fused_v)
+    n, d_in, d_out, k, r = 4096, 3584, 3584, 3, 128
+    inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.bfloat16)
+    torch.manual_seed(21)
+    seed = functional._draw_seed()
+
+    def run(*t):
+        torch.manual_seed(21)
+        return ik.ilora_linear(*t, 2.0, dropout_p=0.1, training=True, backend="triton", return_router_weights=True)
+
+    check_against_oracle(inputs, 2.0, 0.1, seed, None, run, torch.bfloat16, dg=True)
