@@ -42,7 +42,7 @@ def _extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in [ROOT / "csrc" / "ilora_ops.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]]
     cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
-    cxx_flags = ["-O3", "-std=c++17", f'-DILORA_TORCH_VERSION="{torch.__version__}"']
+    cxx_flags = ["-O3", f'-DILORA_TORCH_VERSION="{torch.__version__}"']
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
 
@@ -61,7 +61,7 @@ def _extensions():
             "ilora_kernels._C", sources + cuda_sources,
             define_macros=[("ILORA_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                                          f'-DILORA_TORCH_VERSION="{torch.__version__}"']},
             extra_link_args=["-fopenmp"] if sys.platform != "win32" else [])
     else:

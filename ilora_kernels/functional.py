@@ -53,6 +53,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, router_weight, lora_a, lora_b, h, g)
     ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
     ctx.mark_non_differentiable(h)
+    # unused outputs (g, usually) then reach backward as None instead of zero tensors that would cost GEMMs
+    ctx.set_materialize_grads(False)
 
 
 def _make_backward(backward_op) -> Callable:
@@ -60,8 +62,8 @@ def _make_backward(backward_op) -> Callable:
         x, weight, router_weight, lora_a, lora_b, h, g = ctx.saved_tensors
         needs = ctx.needs_input_grad
         output_mask = [needs[0], needs[3], needs[4], needs[5]]
-        dx = d_router = d_lora_a = d_lora_b = None
-        if any(output_mask):
+        dx = d_router = d_lora_a = d_lora_b = d_weight = d_bias = None
+        if dy is not None and any(output_mask):
             dx, d_router, d_lora_a, d_lora_b = backward_op(dy, x, weight, router_weight, lora_a, lora_b, h, g,
                                                            ctx.scaling, ctx.dropout_p, ctx.seed, output_mask)
             dx, d_router, d_lora_a, d_lora_b = (t if m else None for t, m in
@@ -73,8 +75,9 @@ def _make_backward(backward_op) -> Callable:
                 d_router = dz.t() @ x if d_router is None else d_router + dz.t() @ x
             if needs[0]:
                 dx = dz @ router_weight if dx is None else dx + dz @ router_weight
-        d_weight = dy.t() @ x if needs[1] else None
-        d_bias = dy.sum(dim=0) if needs[2] else None
+        if dy is not None:
+            d_weight = dy.t() @ x if needs[1] else None
+            d_bias = dy.sum(dim=0) if needs[2] else None
         return dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None, None, None, None
 
     return backward

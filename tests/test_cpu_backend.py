@@ -1,0 +1,365 @@
+"""The C++ CPU backend (``backend="cpu"``, ops ``ilora_kernels::fused_forward`` / ``fused_backward`` on CPU tensors)
+against an independent float64 implementation of SPEC section 1 written here (a loop over heads, autograd for the
+gradients; it does not use ilora_kernels.ops.reference).
+
+Tolerances: float64 1e-10 and float32 1e-4 (max abs error / max abs value); float16 / bfloat16 errors are bounded
+by a small multiple of PyTorch's own error for the same computation in that dtype (the reference backend run in
+the low dtype) plus one unit of rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ilora_kernels as ik
+from ilora_kernels import _dropout, _extension, functional
+
+_reason = functional.available_backends()["cpu"]  # also attaches the fakes and autograd of the fused ops
+if _reason is not None:
+    pytest.skip(f"the C++ CPU backend is unavailable: {_reason}", allow_module_level=True)
+
+OPS = torch.ops.ilora_kernels
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the independent float64 implementation
+
+
+def topk_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Boolean (N, K): head i is kept when fewer than top_k heads beat it (larger logit, or equal and lower index)."""
+    num_heads = logits.shape[1]
+    if top_k <= 0 or top_k >= num_heads:
+        return torch.ones_like(logits, dtype=torch.bool)
+    li, lj = logits.unsqueeze(2), logits.unsqueeze(1)  # [n, i, j]
+    idx = torch.arange(num_heads, device=logits.device)
+    beats = (lj > li) | ((lj == li) & (idx.view(1, 1, -1) < idx.view(1, -1, 1)))
+    return beats.sum(dim=2) < top_k
+
+
+def expected(x, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k, dy, keep=None):
+    """float64 y, h, g and the gradients of (x, weight, bias, router_weight, lora_a, lora_b) for loss <y, dy>.
+    ``keep`` overrides the top-k selection (used where low-precision logits may legitimately pick another head)."""
+    t = [None if v is None else v.detach().to(torch.float64).requires_grad_() for v in
+         (x, weight, bias, router_weight, lora_a, lora_b)]
+    x64, w64, b64, wr64, a64, b_heads = t
+    n_tokens, d_in = x64.shape
+    logits = x64 @ wr64.t()
+    if keep is None:
+        keep = topk_keep(logits.detach(), top_k)
+    g = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
+    if p > 0:
+        mask = _dropout.keep_mask(seed, n_tokens, d_in, p, device=x64.device).to(torch.float64)
+        x_drop = x64 * mask / (1.0 - p)
+    else:
+        x_drop = x64
+    h = x_drop @ a64.t()
+    y = x64 @ w64.t()
+    if b64 is not None:
+        y = y + b64
+    for k in range(wr64.shape[0]):
+        y = y + scaling * g[:, k:k + 1] * (h @ b_heads[k].t())
+    y.backward(dy.to(torch.float64))
+    grads = [None if v is None else v.grad for v in t]
+    return y.detach(), h.detach(), g.detach(), grads
+
+
+def rel_err(actual: torch.Tensor, want: torch.Tensor) -> float:
+    assert actual.shape == want.shape, (actual.shape, want.shape)
+    assert torch.isfinite(actual).all(), "non-finite values in an output"
+    scale = want.abs().max().item()
+    return (actual.to(torch.float64) - want).abs().max().item() / max(scale, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(n, d_in, d_out, heads, rank, routing, dtype, bias=True, gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale)
+
+    x = rnd(n, d_in)
+    weight = rnd(d_out, d_in, scale=d_in ** -0.5)
+    b = rnd(d_out) if bias else None
+    lora_a = rnd(rank, d_in, scale=d_in ** -0.5)
+    lora_b = rnd(heads, d_out, rank, scale=rank ** -0.5)
+    if routing == "one_head":  # every token sends (almost) all mass to head 0
+        x[:, 0] = 1.0 + 0.1 * x[:, 0].abs()
+        router = rnd(heads, d_in, scale=0.01)
+        router[0, 0] = 60.0
+    elif routing == "uniform":
+        router = torch.zeros(heads, d_in, dtype=torch.float64)
+    elif routing == "skewed":
+        router = rnd(heads, d_in, scale=2.0 * d_in ** -0.5)
+        router[0] += 0.5 * rnd(d_in).abs() * d_in ** -0.5
+    elif routing == "near_tied":  # logits differ by ~1e-7 (float64) / ~1e-3 (float32)
+        gap = 1e-7 if dtype == torch.float64 else 1e-3
+        router = rnd(1, d_in, scale=d_in ** -0.5).expand(heads, d_in) + gap * rnd(heads, d_in)
+    else:  # random
+        router = rnd(heads, d_in, scale=d_in ** -0.5)
+    dy = rnd(n, d_out)
+    cast = [None if v is None else v.to(dtype) for v in (x, weight, b, router, lora_a, lora_b, dy)]
+    return cast
+
+
+CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
+    (1, 5, 3, 1, 1, None, 0.0, "random"),
+    (7, 17, 19, 3, 8, None, 0.0, "random"),
+    (33, 17, 19, 3, 8, None, 0.3, "skewed"),
+    (7, 5, 19, 5, 128, None, 0.0, "skewed"),
+    (33, 17, 3, 5, 8, 2, 0.0, "random"),
+    (33, 17, 19, 3, 8, 1, 0.3, "skewed"),
+    (7, 17, 19, 3, 128, 2, 0.3, "random"),
+    (33, 5, 19, 3, 1, None, 0.0, "one_head"),
+    (33, 17, 19, 5, 8, 2, 0.0, "one_head"),
+    (33, 17, 19, 3, 8, None, 0.3, "uniform"),
+    (33, 17, 19, 5, 8, 2, 0.0, "uniform"),
+    (33, 17, 19, 3, 8, None, 0.0, "near_tied"),
+    (33, 17, 19, 5, 8, 2, 0.3, "near_tied"),
+    (1, 17, 3, 5, 128, 1, 0.3, "random"),
+]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def case_id(c):
+    n, d_in, d_out, k, r, top_k, p, routing = c
+    return f"N{n}-{d_in}x{d_out}-K{k}-r{r}-top{top_k}-p{p}-{routing}"
+
+
+def tolerance(dtype, err_torch):
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-4
+    return 4.0 * err_torch + 2.0 * EPS[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ilora_linear(backend="cpu") end to end (autograd), against float64
+
+
+def run_layer(backend, inputs, scaling, p, seed, top_k, monkeypatch, base_grad):
+    x, weight, b, router, lora_a, lora_b, dy = inputs
+    leaves = [x, weight, b, router, lora_a, lora_b]
+    req = [True, base_grad, base_grad and b is not None, True, True, True]
+    leaves = [None if v is None else v.detach().clone().requires_grad_(r) for v, r in zip(leaves, req)]
+    monkeypatch.setattr(functional, "_draw_seed", lambda: seed)
+    y, g = ik.ilora_linear(*leaves, scaling, dropout_p=p, training=p > 0, top_k=top_k, backend=backend,
+                           return_router_weights=True)
+    y.backward(dy)
+    return y.detach(), g.detach(), [None if v is None else v.grad for v in leaves]
+
+
+# top-k over (near-)tied logits is decided by rounding in half precision: those pairs are not generated
+LAYER_CASES = [pytest.param(case, dtype, id=f"{case_id(case)}-{str(dtype).split('.')[1]}")
+               for case in CASES for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+               if not (dtype in LOW and case[7] in ("near_tied", "uniform") and case[5])]
+
+
+@pytest.mark.parametrize("case,dtype", LAYER_CASES)
+def test_layer_matches_float64(case, dtype, monkeypatch):
+    n, d_in, d_out, heads, rank, top_k, p, routing = case
+    inputs = make_inputs(n, d_in, d_out, heads, rank, routing, dtype, gen_seed=n * 31 + d_in)
+    seed, scaling = 1234567 + n, 2.0
+    base_grad = dtype != torch.float16
+    y, g, grads = run_layer("cpu", inputs, scaling, p, seed, top_k, monkeypatch, base_grad)
+    keep = (g > 0) if (dtype in LOW and top_k) else None
+    want_y, _, want_g, want_grads = expected(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
+    assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert y.dtype == dtype
+    if dtype in LOW:
+        ry, rg, rgrads = run_layer("reference", inputs, scaling, p, seed, top_k, monkeypatch, base_grad)
+        torch_errs = [rel_err(ry, want_y), rel_err(rg, want_g)] + [
+            None if (w is None or a is None) else rel_err(a, w) for a, w in zip(rgrads, want_grads)]
+    else:
+        torch_errs = [0.0] * 8
+    names = ["y", "g", "dx", "dweight", "dbias", "drouter", "dlora_a", "dlora_b"]
+    for name, actual, want, terr in zip(names, [y, g] + grads, [want_y, want_g] + want_grads, torch_errs):
+        if want is None or actual is None:
+            assert actual is None or not base_grad, name
+            continue
+        if name in ("dweight", "dbias") and not base_grad:
+            continue
+        if name == "drouter" and routing == "one_head" and dtype != torch.float64:
+            # the router gradient is ~exp(-60) relative to the others: compare on the scale of dx instead
+            err = (actual.double() - want).abs().max().item() / want_grads[0].abs().max().item()
+        else:
+            err = rel_err(actual, want)
+        assert err <= tolerance(dtype, terr), f"{name}: error {err:.3e} (torch's own {terr:.3e})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the raw ops: h, g, every output_mask, non-contiguous x / dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_raw_ops_all_masks(dtype, p, top_k):
+    n, d_in, d_out, heads, rank = 33, 17, 19, 5, 8
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, gen_seed=5)
+    seed, scaling = 987654321, 0.75
+    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k, dy)
+    tol = tolerance(dtype, 0.0)
+    y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
+    for name, actual, want in (("y", y, want_y), ("h", h, want_h), ("g", g, want_g)):
+        assert actual.is_contiguous()
+        assert rel_err(actual, want) <= tol, name
+    want_back = [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]
+    masks = [[True] * 4, [True, False, False, False], [False, True, False, False], [False, False, True, False],
+             [False, False, False, True], [False, True, True, False], [False] * 4]
+    for mask in masks:
+        outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, scaling, p, seed, mask)
+        for name, m, actual, want in zip(("dx", "drouter", "dlora_a", "dlora_b"), mask, outs, want_back):
+            if m:
+                assert actual.shape == want.shape and actual.dtype == dtype, name
+                assert rel_err(actual, want) <= tol, (name, mask)
+            else:
+                assert actual.shape == (0,), (name, mask)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_non_contiguous_x_and_dy(p):
+    n, d_in, d_out, heads, rank = 33, 17, 19, 3, 8
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float64)
+    x_t = x.t().contiguous().t()  # column-major
+    assert not x_t.is_contiguous()
+    dy_wide = torch.randn(n, 2 * d_out, dtype=torch.float64)
+    dy_wide[:, ::2] = dy
+    dy_s = dy_wide[:, ::2]  # column stride 2
+    assert not dy_s.is_contiguous()
+    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
+    y, h, g = OPS.fused_forward(x_t, weight, b, router.t().contiguous().t(), lora_a, lora_b.transpose(1, 2)
+                                .contiguous().transpose(1, 2), 2.0, p, 77, 0)
+    assert rel_err(y, want_y) < 1e-10 and rel_err(h, want_h) < 1e-10 and rel_err(g, want_g) < 1e-10
+    outs = OPS.fused_backward(dy_s, x_t, weight.t().contiguous().t(), router, lora_a, lora_b, h, g, 2.0, p, 77,
+                              [True] * 4)
+    for actual, want in zip(outs, [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]):
+        assert rel_err(actual, want) < 1e-10
+
+
+def test_dropout_mask_bit_identical():
+    """With A = I (r = d_in), h is dropout(x) itself: its zero pattern is the mask and kept values are x / (1-p)."""
+    n, d_in, d_out, heads = 67, 48, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(n, d_in, generator=gen, dtype=torch.float64) + 0.5  # never zero
+    weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    router = torch.randn(heads, d_in, generator=gen, dtype=torch.float64)
+    lora_a = torch.eye(d_in, dtype=torch.float64)
+    lora_b = torch.randn(heads, d_out, d_in, generator=gen, dtype=torch.float64)
+    for p, seed in ((0.1, 0), (0.3, 42), (0.5, 2**31 - 5), (0.9, 123456789)):
+        _, h, _ = OPS.fused_forward(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0)
+        mask = _dropout.keep_mask(seed, n, d_in, p)
+        assert torch.equal(h != 0, mask), (p, seed)
+        torch.testing.assert_close(h[mask], (x * (1.0 / (1.0 - p)))[mask], rtol=1e-15, atol=0)
+        # backward regenerates the same mask: d_lora_a = dh^T dropout(x), dx's (dh A) term is masked
+        dy = torch.randn(n, d_out, dtype=torch.float64)
+        _, _, g = OPS.fused_forward(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0)
+        want = expected(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
+        outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 1.0, p, seed, [True] * 4)
+        assert rel_err(outs[0], want[0]) < 1e-10 and rel_err(outs[2], want[4]) < 1e-10
+
+
+def test_outputs_fully_written():
+    """Outputs come from fresh allocations: pre-fill the allocator's memory with NaN and check nothing leaks."""
+    n, d_in, d_out, heads, rank = 257, 33, 65, 3, 16
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float32)
+    for p in (0.0, 0.3):
+        for top_k in (0, 1):
+            poison = [torch.full((s,), float("nan")) for s in (n * d_out, n * rank, n * heads, n * d_in, n * 64)]
+            del poison
+            y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 5, top_k)
+            poison = [torch.full((s,), float("nan")) for s in (n * d_in, heads * d_in, rank * d_in, n * 64)]
+            del poison
+            outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 5, [True] * 4)
+            for t in (y, h, g) + tuple(outs):
+                assert torch.isfinite(t).all()
+            if top_k:
+                assert ((g > 0).sum(dim=1) == 1).all()
+            torch.testing.assert_close(g.sum(dim=1), torch.ones(n), rtol=0, atol=1e-6)
+
+
+def test_zero_tokens():
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(0, 5, 3, 3, 2, "random", torch.float32)
+    y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.0, 0, 0)
+    assert y.shape == (0, 3) and h.shape == (0, 2) and g.shape == (0, 3)
+    outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, 0.0, 0, [True] * 4)
+    assert outs[0].shape == (0, 5)
+    for t, shape in zip(outs[1:], [(3, 5), (2, 5), (3, 3, 2)]):
+        assert t.shape == shape and torch.count_nonzero(t) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck and bad input
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).split(".")[1])
+def test_opcheck(p, dtype):
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(7, 17, 19, 3, 4, "random", dtype)
+    leaves = [v.requires_grad_() for v in (x, router, lora_a, lora_b)]
+    x, router, lora_a, lora_b = leaves
+    torch.library.opcheck(OPS.fused_forward.default, (x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0))
+    torch.library.opcheck(OPS.fused_forward.default, (x, weight, None, router, lora_a, lora_b, 2.0, p, 11, 2))
+    with torch.no_grad():
+        _, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0)
+    args = [v.detach() for v in (dy, x, weight, router, lora_a, lora_b, h, g)]
+    torch.library.opcheck(OPS.fused_backward.default, (*args, 2.0, p, 11, [True, True, True, True]))
+    torch.library.opcheck(OPS.fused_backward.default, (*args, 2.0, p, 11, [False, True, False, True]))
+
+
+def _good(dtype=torch.float32):
+    return make_inputs(4, 6, 5, 3, 2, "random", dtype)
+
+
+@pytest.mark.parametrize("which, bad, needle", [
+    (0, lambda t: t.unsqueeze(0), "x"),
+    (0, lambda t: t.to(torch.int32), "x"),
+    (0, lambda t: t[:, :5], "weight"),
+    (1, lambda t: t.double(), "weight"),
+    (2, lambda t: t[:4], "bias"),
+    (3, lambda t: t.to(torch.float16), "router_weight"),
+    (3, lambda t: t[:, :5], "router_weight"),
+    (4, lambda t: t.double(), "lora_a"),
+    (4, lambda t: t[:, :5], "lora_a"),
+    (5, lambda t: t[:, :4], "lora_b"),
+    (5, lambda t: t[:2], "lora_b"),
+    (5, lambda t: t[0], "lora_b"),
+])
+def test_bad_forward_input_names_tensor(which, bad, needle):
+    args = _good()[:6]
+    args[which] = bad(args[which])
+    with pytest.raises(RuntimeError, match=needle):
+        OPS.fused_forward(*args, 2.0, 0.0, 0, 0)
+
+
+def test_bad_scalars():
+    args = _good()[:6]
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        OPS.fused_forward(*args, 2.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="top_k"):
+        OPS.fused_forward(*args, 2.0, 0.0, 0, -1)
+    with pytest.raises(RuntimeError, match="scaling"):
+        OPS.fused_forward(*args, float("inf"), 0.0, 0, 0)
+
+
+@pytest.mark.parametrize("which, bad, needle", [
+    ("dy", lambda t: t[:, :4], "dy"),
+    ("dy", lambda t: t.double(), "dy"),
+    ("h", lambda t: t[:3], "h"),
+    ("h", lambda t: t.double(), "h"),
+    ("g", lambda t: t.to(torch.float16), "g"),
+    ("g", lambda t: t[:, :2], "g"),
+])
+def test_bad_backward_input_names_tensor(which, bad, needle):
+    x, weight, b, router, lora_a, lora_b, dy = _good()
+    _, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.0, 0, 0)
+    named = {"dy": dy, "h": h, "g": g}
+    named[which] = bad(named[which])
+    with pytest.raises(RuntimeError, match=rf"\b{needle}\b"):
+        OPS.fused_backward(named["dy"], x, weight, router, lora_a, lora_b, named["h"], named["g"], 2.0, 0.0, 0,
+                           [True] * 4)
