@@ -12,8 +12,8 @@
 //   * g is rounded to the activation dtype before it multiplies h (forward) or v (backward, dh);
 //   * dg = s <v_k, h> is accumulated in acc_t, and dz = g * (dg - <g, dg>) is computed in acc_t.
 // Top-k ties are broken towards the lower head index (a head i beats head j when l_i > l_j, or l_i == l_j and
-// i < j).  torch.topk does not document its tie order, so exactly tied logits may select different heads than
-// the reference backend; distinct logits select the same heads.
+// i < j); a NaN logit beats every number (torch.topk's order).  torch.topk does not document its tie order, so
+// exactly tied logits may select different heads than the reference backend; distinct logits select the same heads.
 #pragma once
 
 #include <cstdint>
@@ -83,10 +83,14 @@ template <typename acc_t>
 ILORA_HOST_DEVICE bool head_selected(const acc_t* logits, int i, int num_heads, int top_k) {
   if (top_k <= 0 || top_k >= num_heads) return true;
   const acc_t li = logits[i];
+  const bool nan_i = li != li;
   int rank = 0;  // number of heads that beat head i
   for (int j = 0; j < num_heads; ++j) {
     const acc_t lj = logits[j];
-    rank += (lj > li || (lj == li && j < i)) ? 1 : 0;
+    const bool nan_j = lj != lj;
+    // NaN ranks above every number (as torch.topk orders it); ties (NaN with NaN included) go to the lower index
+    const bool beats = nan_j ? (!nan_i || j < i) : (!nan_i && (lj > li || (lj == li && j < i)));
+    rank += beats ? 1 : 0;
   }
   return rank < top_k;
 }
@@ -105,14 +109,21 @@ ILORA_HOST_DEVICE void route_softmax(const acc_t* logits, acc_t* g, int num_head
       any = true;
     }
   }
+  // unselected heads are marked -1 (a selected head's e is >= 0 or NaN) and stay exactly 0: a non-finite sum
+  // (a +inf or NaN logit, or every selected logit -inf) makes the selected heads NaN, as torch.softmax does, and
+  // never leaks into the unselected ones
   acc_t sum = acc_t(0);
   for (int i = 0; i < num_heads; ++i) {
-    const acc_t e = g[i] != acc_t(0) ? exp_acc(logits[i] - mx) : acc_t(0);
-    g[i] = e;
-    sum += e;
+    if (g[i] != acc_t(0)) {
+      const acc_t e = exp_acc(logits[i] - mx);
+      g[i] = e;
+      sum += e;
+    } else {
+      g[i] = acc_t(-1);
+    }
   }
   const acc_t inv = acc_t(1) / sum;
-  for (int i = 0; i < num_heads; ++i) g[i] *= inv;
+  for (int i = 0; i < num_heads; ++i) g[i] = g[i] < acc_t(0) ? acc_t(0) : g[i] * inv;
 }
 
 // One element of u: u[k * r + j] = round(round(g_k) * h_j).

@@ -44,6 +44,9 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
     if x.shape[-1] != d_in:
         raise ValueError(f"x has shape {_shape(x)} (last dim {x.shape[-1]}) but weight has shape {_shape(weight)} "
                          f"(d_in = {d_in})")
+    if d_in < 1:
+        raise ValueError(f"x has shape {_shape(x)} and weight has shape {_shape(weight)}: d_in must be >= 1 (an "
+                         f"adapter over zero features has no router logits)")
     if router_weight.shape[1] != d_in:
         raise ValueError(f"router_weight has shape {_shape(router_weight)} but weight has shape {_shape(weight)}: "
                          f"expected (K, {d_in})")

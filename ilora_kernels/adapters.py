@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,19 +15,56 @@ from torch import nn
 
 from ._version import __version__
 from .config import ILoRAConfig
-from .patching import apply_ilora, get_ilora_config, ilora_layers
+from .patching import apply_ilora, get_ilora_config, ilora_layers, remove_ilora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PARAM_NAMES = ("router_weight", "lora_a", "lora_b")
 
 
+def _temp_path(folder: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def _fsync(path: Union[str, Path], directory: bool = False) -> None:
+    """Flushes a file (or a folder's entries) to disk; best effort where the platform cannot (Windows folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_weights(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _write_config(meta: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def _atomic_write(path: Path, write) -> None:
     """Writes through a temporary file in the same folder and renames it, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_path(path.parent, path.name)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,8 +80,6 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path``."""
-    from safetensors.torch import save_file
-
     layers = ilora_layers(model)
     if not layers:
         raise ValueError(f"save_ilora: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
@@ -52,8 +88,28 @@ def save_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"format": "ilora", "ilora_kernels_version": __version__, **config.to_dict(), "modules": sorted(layers)}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    # Both files are written in full to temporary files first and only then renamed over the old ones, so a crash
+    # while writing leaves the previous adapter intact (and no temporary file, unless the process is killed). The
+    # config records the weights' sha256: a crash between the two renames (new weights, old config) is refused at
+    # load time instead of silently mixing two saves.
+    weights_tmp = config_tmp = None
+    try:
+        weights_tmp = _temp_path(folder, WEIGHTS_NAME)
+        _write_weights(tensors, weights_tmp)
+        _fsync(weights_tmp)
+        meta["weights_sha256"] = _sha256(weights_tmp)
+        config_tmp = _temp_path(folder, CONFIG_NAME)
+        _write_config(meta, config_tmp)
+        _fsync(config_tmp)
+        os.replace(weights_tmp, folder / WEIGHTS_NAME)
+        weights_tmp = None
+        os.replace(config_tmp, folder / CONFIG_NAME)
+        config_tmp = None
+        _fsync(folder, directory=True)
+    finally:
+        for tmp in (weights_tmp, config_tmp):
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     return folder
 
 
@@ -63,8 +119,13 @@ def _read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"load_ilora: {config_path} does not exist")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"load_ilora: {config_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"load_ilora: {config_path} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format", "ilora") != "ilora":
+        raise ValueError(f"load_ilora: {config_path} has format={meta['format']!r}; expected 'ilora' (a PEFT LoRA "
+                         f"adapter? Crab checkpoints load with load_crab_state_dict)")
     for key in ("r", "num_heads", "alpha", "target_modules"):
         if key not in meta:
             raise ValueError(f"load_ilora: {config_path} lacks the key {key!r}")
@@ -73,15 +134,32 @@ def _read_config(folder: Path) -> dict:
 
 def load_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Loads an adapter saved by ``save_ilora``. An unpatched model is patched with the saved config first;
-    a patched model must match the saved r, K and targets. Returns ``model``."""
+    a patched model must match the saved r, K and targets. Returns ``model``.
+
+    All checks (config, keys, dtypes, shapes, finite values, the weights' checksum) run before anything is copied:
+    a refused adapter leaves the model as it was (an unpatched model is unpatched again)."""
+    folder = Path(path)
+    meta = _read_config(folder)
+    try:
+        saved = ILoRAConfig.from_dict(meta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"load_ilora: {folder / CONFIG_NAME} holds an invalid config: {exc}") from None
+    patched_here = not ilora_layers(model)
+    if patched_here:
+        apply_ilora(model, saved)
+    try:
+        _load_into_patched(model, folder, meta, saved)
+    except BaseException:
+        if patched_here:
+            remove_ilora(model)
+        raise
+    return model
+
+
+def _load_into_patched(model: nn.Module, folder: Path, meta: dict, saved: ILoRAConfig) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    meta = _read_config(folder)
-    saved = ILoRAConfig.from_dict(meta)
-    if not ilora_layers(model):
-        apply_ilora(model, saved)
     current = get_ilora_config(model)
     for field in ("r", "num_heads"):
         if getattr(current, field) != getattr(saved, field):
@@ -90,17 +168,29 @@ def load_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     if tuple(current.target_modules) != tuple(saved.target_modules) and current.target_modules != saved.target_modules:
         raise ValueError(f"load_ilora: the adapter in {folder} targets {saved.target_modules!r} but the model was "
                          f"patched for {current.target_modules!r}")
+
+    def verify_checksum():
+        # after the key / dtype / shape checks, which name what is wrong more precisely
+        expected_sha = meta.get("weights_sha256")
+        if expected_sha is None:       # written before checksums (ilora_kernels < this version)
+            return
+        actual_sha = _sha256(folder / WEIGHTS_NAME)
+        if actual_sha != expected_sha:
+            raise ValueError(f"load_ilora: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME} "
+                             f"(weights_sha256 {expected_sha[:12]}... expected, {actual_sha[:12]}... found): the "
+                             f"folder mixes two saves (an interrupted save_ilora?) or the weights file was modified")
+
     try:
         tensors = load_file(folder / WEIGHTS_NAME)
     except FileNotFoundError:
         raise FileNotFoundError(f"load_ilora: {folder / WEIGHTS_NAME} does not exist") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"load_ilora: {folder / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from None
-    _copy_into_layers(model, tensors, source=str(folder / WEIGHTS_NAME))
-    return model
+    _copy_into_layers(model, tensors, source=str(folder / WEIGHTS_NAME), before_copy=verify_checksum)
 
 
-def _copy_into_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+def _copy_into_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
+                      before_copy=None) -> None:
     params = {}
     for name, layer in ilora_layers(model).items():
         for p in _PARAM_NAMES:
@@ -112,14 +202,25 @@ def _copy_into_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], sou
     if unexpected:
         raise KeyError(f"{source} has {len(unexpected)} key(s) the model does not have, e.g. {unexpected[:5]}")
     for key, param in params.items():
-        t = tensors[key]
-        if tuple(t.shape) != tuple(param.shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(t.shape)} but the model expects {tuple(param.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{source}: {key} has dtype {t.dtype}; expected a floating-point tensor")
+        _check_tensor(source, key, tensors[key], tuple(param.shape))
+    if before_copy is not None:
+        before_copy()
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key])
+
+
+def _check_tensor(source: str, key: str, t, shape) -> None:
+    """Refuses a tensor of the wrong type, dtype or shape, or with NaN / inf values, naming the key."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{source}: {key} is a {type(t).__name__}, not a tensor")
+    if not t.is_floating_point():
+        raise TypeError(f"{source}: {key} has dtype {t.dtype}; expected a floating-point tensor")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{source}: {key} has shape {tuple(t.shape)} but the model expects {tuple(shape)}")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{source}: {key} has {bad} non-finite value(s) (NaN or inf); refusing a corrupted adapter")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +246,10 @@ def load_crab_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     unknown = sorted(set(grouped) - set(layers))
     if unknown:
         raise KeyError(f"load_crab_state_dict: no I-LoRA layer named {unknown[:5]} in the model")
+    original_key = {}
+    for key in state_dict:
+        match = _CRAB_KEY.match(key)
+        original_key[(match["module"], match["kind"])] = key
     tensors = {}
     for name, parts in grouped.items():
         layer = layers[name]
@@ -152,6 +257,10 @@ def load_crab_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if set(parts) != expected:
             raise KeyError(f"load_crab_state_dict: layer {name!r} needs {sorted(expected)} but the state dict has "
                            f"{sorted(parts)}")
+        shapes = {"lora_A": (layer.r, layer.in_features), "lora_route": (layer.num_heads, layer.in_features),
+                  **{f"lora_B{i}": (layer.out_features, layer.r) for i in range(layer.num_heads)}}
+        for kind, shape in shapes.items():
+            _check_tensor("load_crab_state_dict", original_key[(name, kind)], parts[kind], shape)
         tensors[f"{name}.lora_a"] = parts["lora_A"]
         tensors[f"{name}.router_weight"] = parts["lora_route"]
         heads = [parts[f"lora_B{i}"] for i in range(layer.num_heads)]

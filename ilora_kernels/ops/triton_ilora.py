@@ -118,20 +118,30 @@ def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
         a_ptrs += BLOCK_D * sa1
 
     # router: fp32 softmax (over the TOP_K largest logits when TOP_K > 0)
+    # Non-finite logits follow torch (reference backend): a NaN logit ranks above every number in top-k and ties go
+    # to the lower head index; a +inf, NaN or all -inf selection makes the selected heads NaN and leaves the
+    # unselected heads exactly 0.  (tl.max ignores NaN on GPUs but not in the interpreter, so NaN is handled
+    # explicitly.)
     neg_inf = float("-inf")
     lg = tl.where(k_ok[None, :], logits, neg_inf)
+    is_nan = lg != lg
     if TOP_K > 0:
         sel = tl.zeros((BLOCK_M, KP), dtype=tl.int32)
+        key = tl.where(is_nan, float("inf"), lg)
+        order = ks[None, :] + tl.where(is_nan, 0, KP)      # among equal keys: NaN first, then the lower index
         for _ in tl.static_range(TOP_K):
-            cand = tl.where(sel != 0, neg_inf, lg)
+            free = (sel == 0) & k_ok[None, :]
+            cand = tl.where(free, key, neg_inf)
             mx = tl.max(cand, axis=1)
-            idx = tl.min(tl.where(cand == mx[:, None], ks[None, :], KP), axis=1)
-            sel = tl.where(ks[None, :] == idx[:, None], 1, sel)
-        lg = tl.where(sel != 0, lg, neg_inf)
-    mx = tl.max(lg, axis=1)
-    e = tl.exp(lg - mx[:, None])
-    e = tl.where(lg == neg_inf, 0.0, e)
-    g = e / tl.sum(e, axis=1)[:, None]
+            pick = tl.min(tl.where(free & (cand == mx[:, None]), order, 2 * KP), axis=1)
+            sel = tl.where(order == pick[:, None], 1, sel)
+        chosen = sel != 0
+    else:
+        chosen = tl.broadcast_to(k_ok[None, :], (BLOCK_M, KP))
+    mx = tl.max(tl.where(chosen & ~is_nan, lg, neg_inf), axis=1)
+    mx = tl.where(tl.sum(tl.where(chosen & is_nan, 1, 0), axis=1) > 0, float("nan"), mx)
+    e = tl.where(chosen, tl.exp(lg - mx[:, None]), 0.0)
+    g = tl.where(chosen, e / tl.sum(e, axis=1)[:, None], 0.0)
 
     tl.store(g_ptr + rows[:, None] * K + ks[None, :], g, mask=row_ok[:, None] & k_ok[None, :])
     h_act = hacc.to(h_ptr.dtype.element_ty)
@@ -153,7 +163,7 @@ def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
 @triton.jit
 def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
                       N, d_out, d_in, KR, R,
-                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -201,7 +211,7 @@ def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
 
     acc = acc + scaling * acc2
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rn_s).to(tl.float32)
+        bias = tl.load(b_ptr + rn_s * sbias).to(tl.float32)
         acc = acc + bias[None, :]
     mask = (rm < N)[:, None] & (rn < d_out)[None, :]
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -210,11 +220,11 @@ def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
 @triton.jit
 def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
                         N, d_out, d_in, KR, R, N_BUCKET,
-                        sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                        sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, N, d_out, d_in, KR, R,
-                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, scaling,
+                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
                       HAS_BIAS, IEEE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
@@ -439,6 +449,23 @@ def _concat_heads(lora_b: Tensor) -> Tensor:
     return lora_b.permute(1, 0, 2).reshape(d_out, k * r)
 
 
+_DETERMINISTIC_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+
+
+def deterministic_mode() -> bool:
+    """Whether the deterministic mode is on: ``ILORA_DETERMINISTIC=1`` (read at call time) or
+    ``torch.use_deterministic_algorithms(True)``.
+
+    Every Triton kernel here already reduces in a fixed order (no atomics; the split-token partials of dW_r / dA are
+    summed by ``torch.sum`` in split order, and the split count depends only on the problem size and the device's
+    SM count), so on one device the only run-to-run variation left is the autotuner of the fused base GEMM: it times
+    its candidate tiles and may pick a different BLOCK_K (a different fp32 summation order) in another process.
+    The deterministic mode launches that kernel with one fixed tile instead (``_DETERMINISTIC_TILE``); its cost is
+    the lost tuning (the fused GEMM only runs for N * d_out <= 4M elements in the default ``auto`` mode)."""
+    env = os.environ.get("ILORA_DETERMINISTIC", "").strip().lower()
+    return env in ("1", "true", "yes", "on") or torch.are_deterministic_algorithms_enabled()
+
+
 def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
     n, d_in = x.shape
     d_out = weight.shape[0]
@@ -448,12 +475,19 @@ def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
     b_arg = bias if has_bias else weight
     common = (x, weight, b_arg, u, lora_b, y, n, d_out, d_in, k * r, r)
     strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_b.stride(0), lora_b.stride(1),
-               lora_b.stride(2), y.stride(0), y.stride(1), float(scaling))
+               lora_b.stride(2), y.stride(0), y.stride(1), bias.stride(0) if has_bias else 1, float(scaling))
     if _base_expand_tuned is None:
         bm, bn, bk = 32, 32, 32
         grid = (triton.cdiv(n, bm) * triton.cdiv(d_out, bn),)
         _base_expand_kernel[grid](*common, 0, *strides, HAS_BIAS=has_bias, IEEE=ieee, EVEN_K=(d_in % bk == 0),
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    elif deterministic_mode():      # one fixed tile: the same summation order in every process
+        t = _DETERMINISTIC_TILE
+        grid = (triton.cdiv(n, t["BLOCK_M"]) * triton.cdiv(d_out, t["BLOCK_N"]),)
+        _base_expand_kernel[grid](*common, 0, *strides, HAS_BIAS=has_bias, IEEE=ieee,
+                                  EVEN_K=(d_in % t["BLOCK_K"] == 0), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
+                                  BLOCK_K=t["BLOCK_K"], GROUP_M=t["GROUP_M"], num_warps=t["num_warps"],
+                                  num_stages=t["num_stages"])
     else:
         even_k = d_in % 64 == 0      # every config uses BLOCK_K in {32, 64}
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)  # noqa: E731
