@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,15 @@ class ILoRALinear(nn.Module):
 
     Shares ``base_layer``'s weight (never copies it) and freezes it. Parameters: router_weight (K, d_in),
     lora_a (r, d_in), lora_b (K, d_out, r). Freshly built, the layer equals its base layer (every B_k = 0).
+    ``scaling = alpha / r``; ``dropout`` applies to the adapter input in training mode only; ``top_k`` (None =
+    dense) keeps the top_k router logits per token; ``backend`` is passed to ``ilora_linear``.
+    ``disable_adapter = True`` makes the layer exactly its base layer.
     """
+
+    base_layer: nn.Linear
+    router_weight: nn.Parameter
+    lora_a: nn.Parameter
+    lora_b: nn.Parameter
 
     def __init__(self, base_linear: nn.Linear, r: int = 128, num_heads: int = 3, alpha: float = 256.0,
                  dropout: float = 0.1, top_k: Optional[int] = None, backend: str = "auto"):
@@ -27,10 +35,13 @@ class ILoRALinear(nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if not (0.0 <= dropout < 1.0):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if top_k is not None and not (1 <= top_k <= num_heads):
-            raise ValueError(f"top_k must be None or in [1, num_heads={num_heads}], got {top_k!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not (1 <= top_k <= num_heads)):
+            raise ValueError(f"top_k must be None or an int in [1, num_heads={num_heads}], got {top_k!r}")
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.base_layer = base_linear
@@ -61,12 +72,14 @@ class ILoRALinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
 
-    def forward(self, x: torch.Tensor, return_router_weights: bool = False):
+    def forward(self, x: torch.Tensor,
+                return_router_weights: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """x (..., d_in) -> y (..., d_out); with return_router_weights also g (..., K) float32."""
         if self.disable_adapter:
             y = self.base_layer(x)
             if return_router_weights:
-                return y, x.new_zeros(*x.shape[:-1], self.num_heads, dtype=torch.float32)
+                return y, x.new_zeros(*x.shape[:-1], self.num_heads,
+                                   dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
             return y
         return ilora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight, self.lora_a,
                             self.lora_b, self.scaling, dropout_p=self.dropout, training=self.training,

@@ -1,0 +1,394 @@
+"""I-LoRA inside PEFT: ``get_peft_model(model, ILoRAPeftConfig(...))`` builds layers that run our kernels.
+
+Route: PEFT's experimental custom-module API. ``ILoRAPeftConfig`` is a ``LoraConfig`` (``peft_type`` LORA) with three
+extra fields (``ilora_num_heads``, ``ilora_top_k``, ``ilora_backend``) that registers ``ILoRAPeftLinear`` for every
+targeted ``nn.Linear`` through ``LoraConfig._register_custom_module``. Each I-LoRA PEFT layer holds, per adapter,
+
+    lora_A[adapter]       nn.Linear(d_in, r)      weight (r, d_in)         = ILoRALinear.lora_a
+    lora_route[adapter]   nn.Linear(d_in, K)      weight (K, d_in)         = ILoRALinear.router_weight
+    lora_B{i}[adapter]    nn.Linear(r, d_out)     weight (d_out, r), i < K = ILoRALinear.lora_b[i]
+
+so ``PeftModel.save_pretrained`` writes exactly the Crab / HydraLoRA checkpoint layout
+(``base_model.model.<module>.lora_A.weight``, ``.lora_B{i}.weight``, ``.lora_route.weight``), which
+``ilora_kernels.load_crab_state_dict`` reads. Conversions in both directions:
+
+    save_as_peft(model, path)            our patched model  -> PEFT adapter folder
+    load_peft_adapter(model, path)       PEFT adapter folder -> our model (patched with apply_ilora if needed)
+    from_pretrained(base_model, path)    PEFT or save_ilora folder -> PeftModel with I-LoRA layers
+    load_peft_config(path)               adapter_config.json (PEFT or ours) -> ILoRAPeftConfig
+
+Limits (PEFT marks the custom-module API experimental; only the versions in ``SUPPORTED_PEFT`` are tested):
+nn.Linear targets only; no merging (routing depends on the input, so ``merge``/``merge_and_unload`` raise; ``unload``
+works); no mixed-batch ``adapter_names``; no DoRA, rsLoRA, ``lora_bias``, ``fan_in_fan_out``, quantized base
+layers, or non-boolean ``init_lora_weights``; several active adapters at once work, but only the first runs the
+fused kernel (the others add a plain-PyTorch delta). A checkpoint saved from PEFT loads into plain PEFT only through
+``from_pretrained`` here (or with ``config=load_peft_config(path)``): plain ``PeftModel.from_pretrained`` would build
+ordinary LoRA layers and report the ``lora_B{i}`` / ``lora_route`` keys as unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # [lower, upper): the custom-module and update_layer(config=...) API we use
+_OVERRIDE_ENV = "ILORA_ALLOW_UNTESTED_PEFT"
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_peft_version(version: Optional[str] = None) -> str:
+    """Returns the installed PEFT version, or raises ``ImportError`` when PEFT is missing or outside
+    ``SUPPORTED_PEFT`` (set ILORA_ALLOW_UNTESTED_PEFT=1 to try another version at your own risk)."""
+    if version is None:
+        try:
+            import peft
+        except ImportError:
+            raise ImportError("ilora_kernels.peft_integration needs PEFT: pip install 'peft>=%s,<%s'"
+                              % SUPPORTED_PEFT) from None
+        version = peft.__version__
+    low, high = SUPPORTED_PEFT
+    if not (_version_tuple(low) <= _version_tuple(version) < _version_tuple(high)):
+        if os.environ.get(_OVERRIDE_ENV, "").strip() in ("1", "true", "yes"):
+            return version
+        raise ImportError(f"ilora_kernels.peft_integration supports peft>={low},<{high} (it builds on PEFT's "
+                          f"experimental custom-module API, which changes between releases); peft {version} is "
+                          f"installed. Install a supported version, or set {_OVERRIDE_ENV}=1 to try anyway.")
+    return version
+
+
+PEFT_VERSION = check_peft_version()
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import set_peft_model_state_dict  # noqa: E402
+
+from ._version import __version__  # noqa: E402
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, export_crab_state_dict, load_crab_state_dict  # noqa: E402
+from .config import ILoRAConfig  # noqa: E402
+from .functional import BACKENDS, ilora_linear  # noqa: E402
+from .ops.reference import concat_heads, routed_activations, router_probabilities  # noqa: E402
+from .patching import apply_ilora, get_ilora_config, ilora_layers  # noqa: E402
+
+__all__ = ["ILoRAPeftConfig", "ILoRAPeftLinear", "PEFT_VERSION", "SUPPORTED_PEFT", "check_peft_version",
+           "from_pretrained", "ilora_config_from_peft", "load_peft_adapter", "load_peft_config",
+           "peft_config_from_ilora", "save_as_peft"]
+
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class ILoRAPeftConfig(LoraConfig):
+    """A ``LoraConfig`` whose targeted ``nn.Linear`` layers become I-LoRA layers (``ILoRAPeftLinear``).
+
+    ``r``, ``lora_alpha`` (scaling = lora_alpha / r), ``lora_dropout`` and ``target_modules`` keep their PEFT
+    meaning; ``ilora_num_heads`` is K, ``ilora_top_k`` the optional top-k routing (None = dense), ``ilora_backend``
+    the kernel backend ("auto", "reference", "cpu", "triton", "cuda"). Crab+ recipe: r=128, lora_alpha=256,
+    lora_dropout=0.1, ilora_num_heads=3.
+    """
+
+    ilora_num_heads: int = field(default=3, metadata={"help": "I-LoRA: number of B heads K (router outputs)"})
+    ilora_top_k: Optional[int] = field(default=None, metadata={"help": "I-LoRA: top-k routing; None = dense"})
+    ilora_backend: str = field(default="auto", metadata={"help": "I-LoRA kernel backend"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        k = self.ilora_num_heads
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ILoRAPeftConfig.ilora_num_heads must be a positive int, got {k!r}")
+        top = self.ilora_top_k
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= k):
+            raise ValueError(f"ILoRAPeftConfig.ilora_top_k must be None or in [1, {k}], got {top!r}")
+        if self.ilora_backend not in BACKENDS + ("auto",):
+            raise ValueError(f"ILoRAPeftConfig.ilora_backend must be one of {('auto',) + BACKENDS}, "
+                             f"got {self.ilora_backend!r}")
+        unsupported = {"use_dora": self.use_dora, "use_rslora": self.use_rslora, "lora_bias": self.lora_bias,
+                       "fan_in_fan_out": self.fan_in_fan_out}
+        bad = sorted(name for name, value in unsupported.items() if value)
+        if bad:
+            raise ValueError(f"ILoRAPeftConfig does not support {bad} (I-LoRA layers implement plain routed LoRA)")
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError("ILoRAPeftConfig supports init_lora_weights=True (Crab+ init: A and the router "
+                             "kaiming-uniform, every B_k zero) or False (B_k random too), got "
+                             f"{self.init_lora_weights!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"ILoRAPeftConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        self._register_custom_module({nn.Linear: ILoRAPeftLinear})
+
+
+class ILoRAPeftLinear(nn.Module, LoraLayer):
+    """PEFT tuner layer for one ``nn.Linear``: y = base(x) + s * sum_k g_k B_k A dropout(x), g = softmax(W_r x),
+    computed by ``ilora_kernels.ilora_linear`` (the fused kernels) for the first active adapter.
+
+    Per adapter: ``lora_A`` (r, d_in), ``lora_route`` (K, d_in), ``lora_B0 .. lora_B{K-1}`` (d_out, r) each;
+    ``scaling = lora_alpha / r``. x (..., d_in) -> (..., d_out).
+    """
+
+    adapter_layer_names: Tuple[str, ...] = ("lora_A", "lora_B", "lora_route")
+    other_param_names: Tuple[str, ...] = LoraLayer.other_param_names + ("num_heads", "top_k", "ilora_backend")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: float = 1, **kwargs: Any) -> None:
+        super().__init__()
+        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if type(target) is not nn.Linear:
+            raise TypeError(f"ILoRAPeftLinear adapts plain nn.Linear layers, got {type(target).__name__}")
+        if kwargs.get("loaded_in_8bit") or kwargs.get("loaded_in_4bit"):
+            raise ValueError("ILoRAPeftLinear does not support quantized (8-bit / 4-bit) base layers")
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = False
+        self.lora_route = nn.ModuleDict({})
+        self.num_heads: Dict[str, int] = {}
+        self.top_k: Dict[str, Optional[int]] = {}
+        self.ilora_backend: Dict[str, str] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _head_dict(self, i: int) -> nn.ModuleDict:
+        name = f"lora_B{i}"
+        if not hasattr(self, name):
+            setattr(self, name, nn.ModuleDict({}))
+        return getattr(self, name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs: Any) -> None:
+        if not isinstance(config, ILoRAPeftConfig):
+            raise TypeError(f"ILoRAPeftLinear needs an ILoRAPeftConfig, got {type(config).__name__}")
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        k = config.ilora_num_heads
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.num_heads[adapter_name] = k
+        self.top_k[adapter_name] = config.ilora_top_k
+        self.ilora_backend[adapter_name] = config.ilora_backend
+        self.use_dora[adapter_name] = False
+        self.use_rslora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_route[adapter_name] = nn.Linear(self.in_features, k, bias=False)
+        for i in range(k):
+            self._head_dict(i)[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        heads = max(self.num_heads.values())
+        self.adapter_layer_names = ("lora_A", "lora_B", "lora_route") + tuple(f"lora_B{i}" for i in range(heads))
+        self.reset_ilora_parameters(adapter_name, bool(config.init_lora_weights))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_ilora_parameters(self, adapter_name: str, zero_b: bool = True) -> None:
+        """Crab+ initialisation: A and W_r kaiming_uniform(a=sqrt(5)); every B_k zero (or random if not zero_b)."""
+        nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_route[adapter_name].weight, a=math.sqrt(5))
+        for i in range(self.num_heads[adapter_name]):
+            weight = self._head_dict(i)[adapter_name].weight
+            nn.init.zeros_(weight) if zero_b else nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    def adapter_tensors(self, adapter_name: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router_weight (K, d_in), lora_a (r, d_in), lora_b (K, d_out, r)) of one adapter (lora_b is stacked)."""
+        heads = [self._head_dict(i)[adapter_name].weight for i in range(self.num_heads[adapter_name])]
+        return self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight, torch.stack(heads)
+
+    # merging is impossible: the routing weights depend on every input token
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        raise NotImplementedError("I-LoRA cannot be merged into the base weight: its router mixes the B heads per "
+                                  "token. Use unload() to drop the adapter, or keep the PeftModel for inference.")
+
+    def unmerge(self) -> None:
+        return None
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError("I-LoRA has no input-independent delta weight (its routing is per token)")
+
+    def _delta(self, adapter: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Plain-PyTorch adapter output s * sum_k g_k B_k A dropout(x) for extra active adapters."""
+        router, lora_a, lora_b = (t.to(dtype) for t in self.adapter_tensors(adapter))
+        top_k = self.top_k[adapter] or 0
+        x2 = x.reshape(-1, x.shape[-1])
+        g = router_probabilities(x2, router, 0 if top_k == router.shape[0] else top_k)
+        h = self.lora_dropout[adapter](x2) @ lora_a.t()
+        delta = (routed_activations(g, h) @ concat_heads(lora_b).t()) * self.scaling[adapter]
+        return delta.view(*x.shape[:-1], lora_b.shape[1])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x (..., d_in) -> (..., d_out)."""
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("I-LoRA PEFT layers do not support mixed-batch `adapter_names`")
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.disable_adapters or not active or args or kwargs:
+            if args or kwargs:
+                raise TypeError("ILoRAPeftLinear.forward takes only x (nn.Linear semantics)")
+            return self.base_layer(x)
+        base = self.get_base_layer()
+        dtype = base.weight.dtype
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        first = active[0]
+        router, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter_tensors(first))
+        dropout = self.lora_dropout[first]
+        y = ilora_linear(x_in, base.weight, base.bias, router, lora_a, lora_b, self.scaling[first],
+                         dropout_p=getattr(dropout, "p", 0.0), training=self.training, top_k=self.top_k[first],
+                         backend=self.ilora_backend[first])
+        for adapter in active[1:]:
+            y = y + self._delta(adapter, x_in, y.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return "ilora." + super().__repr__()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs and files
+
+
+def _peft_field_names() -> set:
+    return {f.name for f in fields(ILoRAPeftConfig) if f.init}
+
+
+def peft_config_from_ilora(config: ILoRAConfig, **lora_kwargs: Any) -> ILoRAPeftConfig:
+    """The ``ILoRAPeftConfig`` equivalent of an ``ILoRAConfig`` (same layers, same numbers)."""
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    return ILoRAPeftConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                           ilora_num_heads=config.num_heads, ilora_top_k=config.top_k,
+                           ilora_backend=config.backend, **lora_kwargs)
+
+
+def ilora_config_from_peft(config: LoraConfig) -> ILoRAConfig:
+    """The ``ILoRAConfig`` equivalent of an ``ILoRAPeftConfig``; raises for PEFT options ours cannot express."""
+    if not isinstance(config, ILoRAPeftConfig):
+        raise TypeError(f"expected an ILoRAPeftConfig, got {type(config).__name__} (a plain LoRA adapter?)")
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("rank_pattern / alpha_pattern have no ILoRAConfig equivalent (one r and alpha per model)")
+    if config.exclude_modules or config.layers_to_transform is not None or config.modules_to_save:
+        raise ValueError("exclude_modules, layers_to_transform and modules_to_save have no ILoRAConfig equivalent")
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("the PEFT config has no target_modules")
+    targets = targets if isinstance(targets, str) else tuple(sorted(targets))
+    return ILoRAConfig(r=config.r, num_heads=config.ilora_num_heads, alpha=float(config.lora_alpha),
+                       dropout=float(config.lora_dropout), target_modules=targets, top_k=config.ilora_top_k,
+                       backend=config.ilora_backend)
+
+
+def _read_json(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def load_peft_config(path: Union[str, os.PathLike]) -> ILoRAPeftConfig:
+    """Reads ``adapter_config.json`` written by PEFT for I-LoRA (or by ``save_ilora``) as an ``ILoRAPeftConfig``."""
+    folder = Path(path)
+    meta = _read_json(folder)
+    if meta.get("format") == "ilora":
+        return peft_config_from_ilora(ILoRAConfig.from_dict(meta))
+    if str(meta.get("peft_type", "")).upper() != "LORA" or "ilora_num_heads" not in meta:
+        raise ValueError(f"{folder / CONFIG_NAME} is not an I-LoRA adapter config (no 'ilora_num_heads'; "
+                         f"peft_type={meta.get('peft_type')!r})")
+    known = _peft_field_names()
+    kwargs = {k: v for k, v in meta.items() if k in known}
+    if isinstance(kwargs.get("runtime_config"), dict):
+        kwargs.pop("runtime_config")
+    return ILoRAPeftConfig(**kwargs)
+
+
+def _load_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return load_file(path)
+
+
+def _ilora_to_crab(tensors: Dict[str, torch.Tensor], prefix: str = _PEFT_PREFIX) -> Dict[str, torch.Tensor]:
+    """Our safetensors keys (<module>.router_weight / .lora_a / .lora_b) -> the Crab / PEFT layout."""
+    out = {}
+    for key, value in tensors.items():
+        module, _, param = key.rpartition(".")
+        if param == "lora_a":
+            out[f"{prefix}{module}.lora_A.weight"] = value
+        elif param == "router_weight":
+            out[f"{prefix}{module}.lora_route.weight"] = value
+        elif param == "lora_b":
+            for i in range(value.shape[0]):
+                out[f"{prefix}{module}.lora_B{i}.weight"] = value[i].contiguous()
+        else:
+            raise KeyError(f"unexpected key {key!r} in an ilora_kernels adapter file")
+    return out
+
+
+def save_as_peft(model: nn.Module, path: Union[str, os.PathLike], **lora_kwargs: Any) -> Path:
+    """Writes the I-LoRA adapter of a model patched by ``apply_ilora`` as a PEFT adapter folder
+    (``adapter_config.json`` of an ``ILoRAPeftConfig`` + ``adapter_model.safetensors`` in the Crab/PEFT layout)."""
+    from safetensors.torch import save_file
+
+    config = peft_config_from_ilora(get_ilora_config(model), **lora_kwargs)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors = {k: v.contiguous().cpu() for k, v in export_crab_state_dict(model, prefix=_PEFT_PREFIX).items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "ilora_kernels_version": __version__})
+    return folder
+
+
+def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Loads a PEFT-saved I-LoRA adapter folder into a plain model (patched with ``apply_ilora`` first, from the
+    saved config) or into a model already patched with matching r and K. Every I-LoRA layer must be covered."""
+    folder = Path(path)
+    saved = ilora_config_from_peft(load_peft_config(folder))
+    if not ilora_layers(model):
+        apply_ilora(model, saved)
+    current = get_ilora_config(model)
+    for name in ("r", "num_heads"):
+        if getattr(current, name) != getattr(saved, name):
+            raise ValueError(f"load_peft_adapter: the adapter in {folder} has {name}={getattr(saved, name)} but the "
+                             f"model's I-LoRA layers have {name}={getattr(current, name)}")
+    loaded = load_crab_state_dict(model, _load_safetensors(folder))
+    missing = sorted(set(ilora_layers(model)) - set(loaded))
+    if missing:
+        raise KeyError(f"load_peft_adapter: {folder / WEIGHTS_NAME} has no weights for {len(missing)} I-LoRA "
+                       f"layer(s), e.g. {missing[:5]}")
+    return model
+
+
+def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
+                    is_trainable: bool = False, **kwargs: Any) -> PeftModel:
+    """A ``PeftModel`` with I-LoRA layers from a folder saved by PEFT (``save_pretrained``) or by
+    ``ilora_kernels.save_ilora``. ``kwargs`` go to ``PeftModel.from_pretrained`` for PEFT folders."""
+    folder = Path(path)
+    meta = _read_json(folder)
+    config = load_peft_config(folder)
+    if meta.get("format") != "ilora":
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
+                                         config=config, **kwargs)
+    config.inference_mode = not is_trainable
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    state = _ilora_to_crab(_load_safetensors(folder))
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if adapter_name in k.split(".")]
+    if unexpected or missing:
+        raise KeyError(f"from_pretrained: {folder / WEIGHTS_NAME} does not fit the model: unexpected "
+                       f"{unexpected[:5]}, missing {missing[:5]}")
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
