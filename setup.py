@@ -77,7 +77,7 @@ setup(
     name="ilora-kernels",
     version=_version(),
     packages=find_packages(include=["ilora_kernels", "ilora_kernels.*"]),
-    package_data={"ilora_kernels": ["py.typed"]},
+    package_data={"ilora_kernels": ["py.typed", "crab/prompts.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,564 @@
+"""AV-UIE v2 reader, media decoding, Qwen chat-template prompts with assistant-only labels, dataset and collate.
+
+Layout (SPEC section 4)::
+
+    <root>/AVUIE_2/<task>/{train,test}.json      (``root`` may also be the folder holding the task folders)
+                         video/<file>  audio/<file>          video tasks: file names in ``video_path`` etc.
+                         <relative path>                     image tasks: ``image_path`` / ``audio_path``
+
+Media decoding: video with PyAV (``num_frames`` frames uniformly sampled at segment midpoints, resized to
+``frame_size``), audio with soundfile (mixed to mono, resampled by band-limited FFT resampling in numpy: the
+spectrum is truncated or zero-padded, i.e. an ideal low-pass, so downsampling does not alias), images with PIL.
+Missing or unreadable media raise ``MediaError`` naming the task, the sample index and the path, unless
+``skip_missing=True`` (then the sample is skipped and counted in ``.skipped``). Never a silent zero tensor.
+
+Batches from ``collate`` hold the thinker's forward inputs plus ``task`` (list of str) and ``index`` (list of int);
+``model_inputs(batch)`` drops those two.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .tasks import QUESTION_FIELDS, TASKS, load_prompts, task_instruction
+
+__all__ = ["Sample", "SampleList", "MediaError", "IGNORE_INDEX", "MODEL_INPUT_KEYS", "resolve_data_root",
+           "load_split", "load_video_frames", "load_audio", "load_image", "resample_audio", "build_messages",
+           "encode_sample", "AVUIEDataset", "collate", "model_inputs", "build_generation_inputs",
+           "build_generation_batch"]
+
+IGNORE_INDEX = -100
+DEFAULT_SAMPLING_RATE = 16000
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values_videos", "video_grid_thw",
+                    "video_second_per_grid", "pixel_values", "image_grid_thw", "input_features",
+                    "feature_attention_mask")
+_PER_SEQUENCE = ("input_ids", "attention_mask", "labels")
+_MEDIA_CAT = ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "pixel_values", "image_grid_thw",
+              "input_features", "feature_attention_mask")
+
+
+class MediaError(RuntimeError):
+    """A sample's media file is missing or cannot be decoded."""
+
+    def __init__(self, task: str, index: int, path, reason: str):
+        self.task, self.index, self.path, self.reason = task, index, Path(path), reason
+        super().__init__(f"task {task!r} sample {index}: {reason}: {path}")
+
+
+@dataclass
+class Sample:
+    task: str
+    index: int                 # position in <task>/<split>.json
+    target: str                # the assistant answer (the task's target field)
+    instruction: str           # the sample's own question text ("" when the sample has none)
+    media: Dict[str, List[Path]] = field(default_factory=dict)   # "video" / "audio" / "image" -> absolute paths
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+class SampleList(list):
+    """A list of ``Sample`` with ``skipped``: a ``Counter`` task -> number of samples skipped for missing media."""
+
+    def __init__(self, items=(), skipped=None):
+        super().__init__(items)
+        self.skipped: Counter = Counter() if skipped is None else skipped
+
+
+# ------------------------------------------------------------------------------------------------------ reader
+def resolve_data_root(root) -> Path:
+    """The folder that holds the task folders: ``root/AVUIE_2`` when it exists, else ``root``."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"AV-UIE data root not found: {root}")
+    nested = root / "AVUIE_2"
+    return nested if nested.is_dir() else root
+
+
+def _question(raw: Mapping) -> str:
+    for key in QUESTION_FIELDS:
+        q = raw.get(key)
+        if isinstance(q, str) and q.strip():
+            q = q.strip()
+            # MUSIC-AVQA style templates: "<Object>" placeholders filled from "templ_values" in order
+            values = raw.get("templ_values")
+            if isinstance(values, str):
+                try:
+                    values = json.loads(values)
+                except ValueError:
+                    values = None
+            if isinstance(values, list) and values:
+                it = iter(values)
+                q = re.sub(r"<[^<>|]+>", lambda m, it=it: str(next(it, m.group(0))), q)
+            return q
+    return ""
+
+
+def _resolve_media(task_dir: Path, name: str, subdir: str) -> Path:
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return p
+    if subdir:
+        cand = task_dir / subdir / p
+        if cand.exists() or not (task_dir / p).exists():
+            return cand.absolute()
+    return (task_dir / p).absolute()
+
+
+def load_split(root, split: str, tasks: Optional[Sequence[str]] = None, skip_missing: bool = False) -> SampleList:
+    """Reads ``<task>/<split>.json`` for each task (``tasks=None``: every known task folder that has the split).
+
+    Returns a ``SampleList`` (a list of ``Sample``); a sample whose media file does not exist raises ``MediaError``
+    or, with ``skip_missing=True``, is skipped and counted in ``result.skipped[task]``."""
+    base = resolve_data_root(root)
+    if tasks is None:
+        tasks = [t for t in TASKS if (base / t / f"{split}.json").is_file()]
+        if not tasks:
+            raise FileNotFoundError(f"no task folder with {split}.json under {base} "
+                                    f"(expected folders named after the task keys: {', '.join(TASKS)})")
+    else:
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task keys {unknown}; known: {', '.join(TASKS)}")
+    out = SampleList()
+    for task in tasks:
+        spec = TASKS[task]
+        task_dir = (base / task).absolute()
+        js = task_dir / f"{split}.json"
+        if not js.is_file():
+            raise FileNotFoundError(f"task {task!r}: split file not found: {js}")
+        with open(js, encoding="utf-8") as f:
+            try:
+                items = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"task {task!r}: {js} is not valid JSON: {e}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"task {task!r}: {js} must hold a JSON list of samples, got {type(items).__name__}")
+        for i, raw in enumerate(items):
+            if not isinstance(raw, dict):
+                raise ValueError(f"task {task!r} sample {i} in {js}: expected an object, got {type(raw).__name__}")
+            if spec.target_field not in raw:
+                raise ValueError(f"task {task!r} sample {i} in {js}: target field {spec.target_field!r} missing "
+                                 f"(fields: {sorted(raw)})")
+            target = raw[spec.target_field]
+            target = target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
+            media: Dict[str, List[Path]] = {}
+            missing = None
+            for fld, kind, subdir in spec.media_fields:
+                name = raw.get(fld)
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"task {task!r} sample {i} in {js}: media field {fld!r} missing or empty")
+                path = _resolve_media(task_dir, name, subdir)
+                media.setdefault(kind, []).append(path)
+                if missing is None and not path.is_file():
+                    missing = (fld, path)
+            if missing is not None:
+                if skip_missing:
+                    out.skipped[task] += 1
+                    continue
+                raise MediaError(task, i, missing[1], f"{missing[0]} file not found")
+            out.append(Sample(task=task, index=i, target=target, instruction=_question(raw), media=media, raw=raw))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ media
+def _size_hw(frame_size) -> Tuple[int, int]:
+    if isinstance(frame_size, int):
+        return frame_size, frame_size
+    h, w = frame_size
+    return int(h), int(w)
+
+
+def _sample_indices(total: int, n: int) -> np.ndarray:
+    """``n`` indices uniformly spread over ``total`` frames (segment midpoints; repeats when total < n)."""
+    return np.minimum(((np.arange(n) + 0.5) * total / n).astype(np.int64), total - 1)
+
+
+def load_video_frames(path, num_frames: int = 10, frame_size=224) -> Tuple[torch.Tensor, float]:
+    """Decodes ``num_frames`` frames uniformly sampled over the whole clip with PyAV, resized to ``frame_size``
+    (int = square, or (h, w)). Returns ``(frames uint8 (T, 3, H, W), duration in seconds)``. Raises on a file
+    PyAV cannot open or that has no video frames."""
+    import av
+
+    h, w = _size_hw(frame_size)
+    path = str(path)
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        total = int(stream.frames or 0)
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        frames: Dict[int, np.ndarray] = {}
+        if total > 0:
+            wanted = _sample_indices(total, num_frames)
+            want_set = set(wanted.tolist())
+            last = int(wanted.max())
+            n = 0
+            for n, frame in enumerate(container.decode(stream)):
+                if n in want_set:
+                    frames[n] = frame.to_ndarray(format="rgb24", width=w, height=h)
+                if n >= last:
+                    break
+            if len(frames) < len(want_set):
+                frames, total = {}, 0   # the header's frame count was wrong: decode everything below
+    if total == 0:
+        thumbs = []
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                thumbs.append(frame.to_ndarray(format="rgb24", width=w, height=h))
+        if not thumbs:
+            raise ValueError("no decodable video frames")
+        total = len(thumbs)
+        wanted = _sample_indices(total, num_frames)
+        frames = {i: thumbs[i] for i in set(wanted.tolist())}
+        if not duration:
+            rate = float(stream.average_rate) if stream.average_rate else 0.0
+            duration = total / rate if rate > 0 else float(total)
+    if not duration or duration <= 0:
+        duration = float(total)
+    arr = np.stack([frames[int(i)] for i in wanted])                     # (T, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), float(duration)
+
+
+def resample_audio(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling of a 1-D signal by FFT (the spectrum is truncated or zero-padded: an ideal low-pass
+    filter, so downsampling does not alias). Output length ``round(len * target_sr / orig_sr)``."""
+    wave = np.asarray(wave, dtype=np.float64)
+    if orig_sr == target_sr or wave.size == 0:
+        return wave.astype(np.float32)
+    n_in = wave.shape[0]
+    n_out = max(1, int(round(n_in * target_sr / orig_sr)))
+    spec = np.fft.rfft(wave)
+    n_bins = n_out // 2 + 1
+    out_spec = np.zeros(n_bins, dtype=np.complex128)
+    keep = min(n_bins, spec.shape[0])
+    out_spec[:keep] = spec[:keep]
+    if n_out < n_in and n_out % 2 == 0:
+        out_spec[-1] = out_spec[-1].real        # Nyquist bin of a real signal is real
+    out = np.fft.irfft(out_spec, n=n_out) * (n_out / n_in)
+    return out.astype(np.float32)
+
+
+def _read_audio_pyav(path: str, max_seconds: Optional[float]) -> Tuple[np.ndarray, int]:
+    """Fallback for containers soundfile cannot read (m4a/aac, audio tracks of mp4...): (samples, channels), sr."""
+    import av
+
+    chunks, sr, got = [], None, 0
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        for frame in container.decode(stream):
+            sr = frame.sample_rate
+            arr = frame.to_ndarray()
+            if arr.dtype.kind == "i":
+                arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+            arr = arr.astype(np.float32)
+            n_ch = len(frame.layout.channels)
+            # planar: (channels, n); packed: (1, n * channels) interleaved
+            arr = arr if frame.format.is_planar else arr.reshape(-1, n_ch).T
+            chunks.append(arr.T)
+            got += arr.shape[1]
+            if max_seconds is not None and got >= max_seconds * sr:
+                break
+    if not chunks:
+        raise ValueError("no decodable audio frames")
+    data = np.concatenate(chunks, axis=0)
+    if max_seconds is not None:
+        data = data[: int(round(max_seconds * sr))]
+    return data, int(sr)
+
+
+def load_audio(path, sampling_rate: int = DEFAULT_SAMPLING_RATE, max_seconds: Optional[float] = None) -> np.ndarray:
+    """Reads an audio file with soundfile (wav, flac, ogg, mp3), or with PyAV when soundfile cannot (m4a/aac, the
+    audio track of a video file); keeps the first ``max_seconds`` when given; mixes to mono; resamples to
+    ``sampling_rate`` (``resample_audio``). Returns float32 (n,)."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            frames = -1 if max_seconds is None else int(round(max_seconds * sr))
+            data = f.read(frames=frames, dtype="float32", always_2d=True)
+    except sf.LibsndfileError:
+        data, sr = _read_audio_pyav(str(path), max_seconds)
+    if data.shape[0] == 0:
+        raise ValueError("empty audio")
+    mono = data.mean(axis=1)
+    return resample_audio(mono, int(sr), int(sampling_rate))
+
+
+def load_image(path, frame_size=224) -> torch.Tensor:
+    """RGB image resized to ``frame_size`` with PIL (bicubic). Returns uint8 (3, H, W)."""
+    from PIL import Image
+
+    h, w = _size_hw(frame_size)
+    with Image.open(str(path)) as im:
+        im = im.convert("RGB").resize((w, h), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_media(sample: Sample, sampling_rate: int, num_frames: int, frame_size, max_audio_seconds):
+    videos, durations, images, audios = [], [], [], []
+    for kind, paths in sample.media.items():
+        for p in paths:
+            if not Path(p).is_file():
+                raise MediaError(sample.task, sample.index, p, f"{kind} file not found")
+            try:
+                if kind == "video":
+                    v, d = load_video_frames(p, num_frames, frame_size)
+                    videos.append(v)
+                    durations.append(d)
+                elif kind == "audio":
+                    audios.append(load_audio(p, sampling_rate, max_audio_seconds))
+                elif kind == "image":
+                    images.append(load_image(p, frame_size))
+                else:
+                    raise ValueError(f"unknown media kind {kind!r}")
+            except MediaError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any decoder failure becomes a named MediaError
+                raise MediaError(sample.task, sample.index, p,
+                                 f"cannot decode {kind} ({type(e).__name__}: {e})") from e
+    return videos, durations, images, audios
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def build_messages(sample: Sample, prompts: Optional[Mapping] = None, with_answer: bool = True) -> List[dict]:
+    """The chat: system prompt; user = [intro, video(s) or image, audio(s), instruction]; assistant = target."""
+    prompts = load_prompts() if prompts is None else prompts
+    kind = TASKS[sample.task].media
+    n_video, n_image, n_audio = (len(sample.media.get(k, ())) for k in ("video", "image", "audio"))
+    content: List[dict] = [{"type": "text", "text": prompts["intro"][kind] + "\n"}]
+    ordinals = ("First", "Second", "Third", "Fourth")
+    for i in range(n_video):
+        if n_video > 1:
+            content.append({"type": "text", "text": f"{ordinals[i]} video: "})
+        content.append({"type": "video"})
+        if n_video > 1:
+            content.append({"type": "text", "text": "\n"})
+    for _ in range(n_image):
+        content.append({"type": "image"})
+    for i in range(n_audio):
+        if n_audio > 1:
+            content.append({"type": "text", "text": f"{ordinals[i]} audio: "})
+        content.append({"type": "audio"})
+        if n_audio > 1:
+            content.append({"type": "text", "text": "\n"})
+    content.append({"type": "text", "text": "\n" + task_instruction(sample.task, sample.instruction, prompts)})
+    messages = [{"role": "system", "content": prompts["system"]}, {"role": "user", "content": content}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": sample.target})
+    return messages
+
+
+def _render(processor, messages, add_generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_header_ids(tokenizer) -> List[int]:
+    return tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+
+
+def _find_last(seq: List[int], sub: List[int]) -> int:
+    n = len(sub)
+    for s in range(len(seq) - n, -1, -1):
+        if seq[s:s + n] == sub:
+            return s
+    return -1
+
+
+def encode_sample(sample: Sample, processor, num_frames: int = 10, frame_size=224, prompts=None,
+                  with_answer: bool = True, max_length: Optional[int] = None,
+                  max_audio_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """Decodes the sample's media, renders the chat and runs the processor. Returns a dict of tensors with a batch
+    dimension of 1 for ``input_ids`` / ``attention_mask`` (and ``labels`` when ``with_answer``: ``IGNORE_INDEX``
+    everywhere except the assistant answer and its ``<|im_end|>``)."""
+    tok = processor.tokenizer
+    sr = getattr(processor.feature_extractor, "sampling_rate", DEFAULT_SAMPLING_RATE)
+    if max_audio_seconds is None:   # the feature extractor keeps at most chunk_length seconds (30 s for Whisper)
+        max_audio_seconds = getattr(processor.feature_extractor, "chunk_length", None)
+    videos, durations, images, audios = _decode_media(sample, sr, num_frames, frame_size, max_audio_seconds)
+    messages = build_messages(sample, prompts, with_answer=with_answer)
+    text = _render(processor, messages, add_generation_prompt=not with_answer)
+    h, w = _size_hw(frame_size)
+    vis_size = {"shortest_edge": 28 * 28 * 4, "longest_edge": h * w}
+    kwargs: Dict[str, Any] = {"return_tensors": "pt"}
+    if videos:
+        kwargs["videos"] = videos
+        kwargs["videos_kwargs"] = {"size": vis_size, "do_sample_frames": False, "cap_pixels_per_frame": False}
+    if images:
+        kwargs["images"] = images
+        kwargs["images_kwargs"] = {"size": vis_size}
+    if audios:
+        kwargs["audio"] = audios
+        kwargs["audio_kwargs"] = {"sampling_rate": sr}
+    enc = processor(text=[text], **kwargs)
+    out = {k: v for k, v in enc.items()}
+    if videos:
+        # seconds per temporal grid step, per video, from the real clip duration (the processor assumes 2 fps)
+        tps = processor.video_processor.temporal_patch_size
+        out["video_second_per_grid"] = torch.tensor([tps * d / num_frames for d in durations], dtype=torch.float32)
+    ids = out["input_ids"][0].tolist()
+    if with_answer:
+        header = _assistant_header_ids(tok)
+        start = _find_last(ids, header)
+        if start < 0:
+            raise RuntimeError(f"task {sample.task!r} sample {sample.index}: assistant header not found in the "
+                               "rendered prompt; is the processor's chat template the Qwen one?")
+        start += len(header)
+        end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        try:
+            end = ids.index(end_id, start) + 1          # include <|im_end|>
+        except ValueError:
+            end = len(ids)
+        labels = torch.full_like(out["input_ids"], IGNORE_INDEX)
+        labels[0, start:end] = out["input_ids"][0, start:end]
+        out["labels"] = labels
+        if max_length is not None and labels.shape[1] > max_length:
+            if start >= max_length:
+                raise ValueError(f"task {sample.task!r} sample {sample.index}: the prompt alone is {start} tokens "
+                                 f"(media placeholders cannot be cut), over max_length={max_length}")
+            for k in _PER_SEQUENCE:
+                out[k] = out[k][:, :max_length]
+    elif max_length is not None and len(ids) > max_length:
+        raise ValueError(f"task {sample.task!r} sample {sample.index}: the prompt is {len(ids)} tokens, over "
+                         f"max_length={max_length}")
+    return out
+
+
+def build_generation_inputs(sample: Sample, processor, num_frames: int = 10, frame_size=224, prompts=None,
+                            max_audio_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """The model inputs for generation on one sample: the prompt without the answer, ending in
+    ``<|im_start|>assistant\\n`` (``add_generation_prompt=True``); batch dimension 1; no labels. Pass to
+    ``model.generate(**inputs, max_new_tokens=...)`` and decode ``out[:, inputs["input_ids"].shape[1]:]``."""
+    return encode_sample(sample, processor, num_frames, frame_size, prompts, with_answer=False,
+                         max_audio_seconds=max_audio_seconds)
+
+
+# ------------------------------------------------------------------------------------------------------ dataset
+class AVUIEDataset(torch.utils.data.Dataset):
+    """Samples -> processor outputs. Item: ``input_ids``, ``attention_mask``, ``labels`` (1-D, length L), the
+    media tensors the thinker expects (``pixel_values_videos``, ``video_grid_thw``, ``video_second_per_grid``,
+    ``pixel_values``, ``image_grid_thw``, ``input_features``, ``feature_attention_mask``: concatenable along dim 0),
+    ``task``, ``index`` and ``pad_token_id``.
+
+    ``skip_missing=True``: samples whose media files do not exist are dropped at construction (counted in
+    ``self.skipped``); a file that exists but cannot be decoded is counted there too and the next sample is returned
+    instead (counts made inside DataLoader worker processes stay in those processes). Otherwise ``MediaError``."""
+
+    def __init__(self, samples: Sequence[Sample], processor, num_frames: int = 10, frame_size=224,
+                 skip_missing: bool = False, max_length: Optional[int] = None, prompts=None,
+                 max_audio_seconds: Optional[float] = None):
+        self.processor = processor
+        self.num_frames, self.frame_size = int(num_frames), frame_size
+        self.skip_missing, self.max_length = skip_missing, max_length
+        self.max_audio_seconds = max_audio_seconds
+        self.prompts = load_prompts() if prompts is None else (load_prompts(prompts) if isinstance(prompts, (str, Path))
+                                                               else prompts)
+        self.skipped: Counter = Counter(getattr(samples, "skipped", Counter()))
+        kept = []
+        for s in samples:
+            missing = [p for ps in s.media.values() for p in ps if not Path(p).is_file()]
+            if missing:
+                if not skip_missing:
+                    raise MediaError(s.task, s.index, missing[0], "media file not found")
+                self.skipped[s.task] += 1
+                continue
+            kept.append(s)
+        if not kept:
+            raise ValueError("AVUIEDataset: no samples" + (f" (all skipped: {dict(self.skipped)})"
+                                                           if self.skipped else ""))
+        self.samples = kept
+        pad = processor.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else processor.tokenizer.eos_token_id
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _item(self, i: int) -> Dict[str, Any]:
+        s = self.samples[i]
+        enc = encode_sample(s, self.processor, self.num_frames, self.frame_size, self.prompts, with_answer=True,
+                            max_length=self.max_length, max_audio_seconds=self.max_audio_seconds)
+        item = {k: (v[0] if k in _PER_SEQUENCE else v) for k, v in enc.items()}
+        item.update(task=s.task, index=s.index, pad_token_id=self.pad_token_id)
+        return item
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if not self.skip_missing:
+            return self._item(i)
+        for step in range(len(self.samples)):
+            j = (i + step) % len(self.samples)
+            try:
+                return self._item(j)
+            except MediaError:
+                self.skipped[self.samples[j].task] += 1
+        raise RuntimeError("AVUIEDataset: no sample could be decoded")
+
+
+def collate(batch: Sequence[Mapping[str, Any]], padding_side: str = "right",
+            pad_token_id: Optional[int] = None) -> Dict[str, Any]:
+    """Pads ``input_ids`` (pad token), ``attention_mask`` (0) and ``labels`` (-100) to the longest sequence and
+    concatenates the media tensors along dim 0 in batch order (the order the thinker consumes them).
+    ``padding_side="left"`` for batched generation. Adds ``task`` and ``index`` lists."""
+    if not batch:
+        raise ValueError("collate: empty batch")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"collate: padding_side must be 'right' or 'left', got {padding_side!r}")
+    if pad_token_id is None:
+        pad_token_id = batch[0].get("pad_token_id", 0)
+    longest = max(int(b["input_ids"].shape[-1]) for b in batch)
+    out: Dict[str, Any] = {}
+    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        if key not in batch[0]:
+            continue
+        rows = []
+        for b in batch:
+            x = b[key].reshape(-1)
+            pad = x.new_full((longest - x.shape[0],), fill)
+            rows.append(torch.cat([x, pad]) if padding_side == "right" else torch.cat([pad, x]))
+        out[key] = torch.stack(rows)
+    for key in _MEDIA_CAT:
+        parts = [b[key] for b in batch if b.get(key) is not None]
+        if not parts:
+            continue
+        if key in ("input_features", "feature_attention_mask"):
+            frames = max(p.shape[-1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, frames - p.shape[-1])) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    out["task"] = [b.get("task") for b in batch]
+    out["index"] = [b.get("index") for b in batch]
+    return out
+
+
+def build_generation_batch(samples: Sequence[Sample], processor, num_frames: int = 10, frame_size=224,
+                           prompts=None, max_audio_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """``build_generation_inputs`` for several samples, collated with left padding (for batched ``generate``).
+    Holds ``task`` and ``index`` lists too: pass ``model_inputs(batch)`` to ``generate``."""
+    pad = processor.tokenizer.pad_token_id
+    pad = pad if pad is not None else processor.tokenizer.eos_token_id
+    items = []
+    for s in samples:
+        enc = build_generation_inputs(s, processor, num_frames, frame_size, prompts, max_audio_seconds)
+        item = {k: (v[0] if k in _PER_SEQUENCE else v) for k, v in enc.items()}
+        item.update(task=s.task, index=s.index)
+        items.append(item)
+    return collate(items, padding_side="left", pad_token_id=pad)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
+    """The thinker's forward kwargs of a collated batch (drops ``task``, ``index`` and anything unknown)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
