@@ -18,7 +18,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: demo test bench-cpu bench-gpu gpu-check check-cuda env clean
+.PHONY: demo demo-kernels test lint dist bench-cpu gpu-check env clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,22 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# the main job: synthetic AV-UIE v2 data, tiny Qwen2.5-Omni thinker fine-tuned with I-LoRA, evaluation, transfer table
 demo: $(VENV)/.built
+	$(PY) -m ilora_kernels.crab demo
+
+# the kernel demo: a tiny Qwen2 patched with I-LoRA, loss and per-layer router statistics
+demo-kernels: $(VENV)/.built
 	$(PY) -m ilora_kernels.demo
 
+lint: $(VENV)/.built
+	$(PY) -m ruff check ilora_kernels benchmarks tests
+
+dist: $(VENV)/.built
+	ILORA_SKIP_EXTENSION=1 $(PY) -m build --no-isolation --outdir dist .
+
 test: $(VENV)/.built
+	$(PY) -m ruff check ilora_kernels benchmarks tests
 	@if [ -n "$(CUDA_HOME)" ]; then bash scripts/check_cuda_sources.sh; fi
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable

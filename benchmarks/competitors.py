@@ -257,7 +257,7 @@ def _peft(inp: Inputs, case: Case) -> Runner:
     try:
         import peft
     except ImportError as exc:
-        raise Unavailable(f"peft is not installed ({exc})")
+        raise Unavailable(f"peft is not installed ({exc})") from None
     cfg = peft.LoraConfig(r=case.r, lora_alpha=case.scaling * case.r, target_modules=["proj"], lora_dropout=0.0)
     # autocast_adapter_dtype=False: keep the adapter in the activation dtype like every other competitor
     model = peft.get_peft_model(_OneLinear(_shared_linear(inp.weight, inp.bias)), cfg, autocast_adapter_dtype=False)

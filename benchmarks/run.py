@@ -195,9 +195,9 @@ def measure(case: C.Case, name: str, inp: C.Inputs, timer, device: torch.device)
     del y, grads
 
     row["fwd"] = timer(runner.fwd)
-    y = runner.fwd()
-    row["bwd"] = timer(lambda: runner.bwd(y))
-    del y
+    y_fwd = runner.fwd()
+    row["bwd"] = timer(lambda: runner.bwd(y_fwd))
+    y_fwd = None  # free it before the next measure
     row["fwdbwd"] = timer(runner.fwdbwd)
     return row
 
@@ -403,7 +403,7 @@ def train_step_rows(device: torch.device, dtype: torch.dtype, meta: Dict, budget
             except Exception as exc:
                 row["error"] = _error_text(exc)
             finally:
-                del model
+                model = None
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -702,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"- device: {dev_name}; torch {torch.__version__}; triton {meta['triton']}; ilora_kernels {ik_version}; "
               f"dtype {meta['dtype']}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
               f"- timer: {timer.name}",
-              f"- backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in backends.items()),
+              "- backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in backends.items()),
               "- competitors: base = frozen F.linear (backward: dx only); crab-loop = the Crab+ module (Python loop "
               "over heads, plain autograd); peft = PEFT LoRA, K=1, same rank; others = ilora_kernels backends. "
               "Gradients via torch.autograd.grad w.r.t. x and every trainable tensor; dropout 0.",

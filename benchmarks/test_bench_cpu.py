@@ -120,7 +120,7 @@ def test_gpu_suite_case_list_and_budget():
     assert len(cases) == len(set(cases))
     labels = [c.label for c in cases]
     for shape in ("qwen.q_proj", "qwen.k_proj", "qwen.gate_proj", "qwen.down_proj"):
-        assert any(l.startswith(shape) and "N=4096 r=128 K=3" in l for l in labels)
+        assert any(label.startswith(shape) and "N=4096 r=128 K=3" in label for label in labels)
     est, lines = S.estimate_gpu_seconds(cases, C.GPU_COMPETITORS, 10, 50)
     assert len(lines) == len(cases) and est < 150  # ~4 minutes minus compilation, build and training step
     accept = [c for c in S.cpu_cases() if (c.d_in, c.d_out, c.n, c.r, c.k) == (1024, 2816, 1024, 16, 3)]
@@ -138,7 +138,6 @@ def test_gpu_dry_run_writes_every_output(tmp_path, capsys):
         assert stem + suffix in files
     rows = list(csv.DictReader(open(tmp_path / (stem + ".csv"))))
     assert len(rows) == 4 * len(C.GPU_COMPETITORS)
-    by = {(r["shape"], r["n"], r["competitor"]): r for r in rows}
     for r in rows:
         if r["competitor"] in ("base", "crab-loop", "reference"):
             assert r["error"] == "" and float(r["fwdbwd_ms"]) > 0 and r["saved_bytes"] != ""

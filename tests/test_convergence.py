@@ -39,8 +39,9 @@ def test_disabled_adapter_reproduces_unpatched_training_exactly():
     set_adapter_enabled(patched, False)
     for p in patched.parameters():  # train the base in both, adapter off in the patched one
         p.requires_grad_(True)
-    base_params = lambda m: [p for n, p in m.named_parameters() if not n.rsplit(".", 1)[-1].startswith(("lora_",
-                                                                                                           "router_"))]
+    def base_params(m):
+        return [p for n, p in m.named_parameters() if not n.rsplit(".", 1)[-1].startswith(("lora_", "router_"))]
+
     torch.manual_seed(1)
     a = _train(plain, steps=5, lr=1e-3, params=base_params(plain))
     torch.manual_seed(1)

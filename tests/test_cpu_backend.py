@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ilora_kernels as ik
-from ilora_kernels import _dropout, _extension, functional
+from ilora_kernels import _dropout, functional
 
 _reason = functional.available_backends()["cpu"]  # also attaches the fakes and autograd of the fused ops
 if _reason is not None:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
-
 import ilora_kernels as ik
+from conftest import HAS_CUDA, requires_cuda
 from ilora_kernels import _dropout, functional
 
 pytestmark = requires_cuda
@@ -32,7 +31,8 @@ def cuda_inputs(*args, **kwargs):
 
 def run_layer(backend, inputs, scaling, p, seed, top_k, monkeypatch):
     x, weight, b, router, lora_a, lora_b, dy = inputs
-    leaves = [None if v is None else v.detach().clone().requires_grad_() for v in (x, weight, b, router, lora_a, lora_b)]
+    leaves = [None if v is None else v.detach().clone().requires_grad_()
+              for v in (x, weight, b, router, lora_a, lora_b)]
     monkeypatch.setattr(functional, "_draw_seed", lambda: seed)
     y, g = ik.ilora_linear(*leaves, scaling, dropout_p=p, training=p > 0, top_k=top_k, backend=backend,
                            return_router_weights=True)

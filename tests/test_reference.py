@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ilora_kernels as ik
-from ilora_kernels._dropout import keep_mask
 from ilora_float64 import ilora_float64, make_inputs
+from ilora_kernels._dropout import keep_mask
 
 SHAPES = [  # (N, d_in, d_out, r, K, lead)
     (7, 5, 3, 1, 1, ()),
@@ -49,7 +49,8 @@ def test_gradcheck_float64():
     x, w, b, wr, a, bb = (t.requires_grad_() for t in make_inputs(5, 6, 7, 4, 3, dtype=torch.float64, lead=(2,)))
     for top_k in (None, 2):
         assert torch.autograd.gradcheck(
-            lambda *t: ik.ilora_linear(*t, 2.0, top_k=top_k, backend="reference", return_router_weights=True),
+            lambda *t, top_k=top_k: ik.ilora_linear(*t, 2.0, top_k=top_k, backend="reference",
+                                                    return_router_weights=True),
             (x, w, b, wr, a, bb))
     op = torch.ops.ilora_kernels.reference_forward
     assert torch.autograd.gradcheck(lambda *t: op(*t, 2.0, 0.25, 99, 0)[0], (x.reshape(-1, 6), w, b, wr, a, bb))
@@ -159,5 +160,5 @@ def test_opcheck_reference_ops():
     y, h, g = torch.ops.ilora_kernels.reference_forward(*args)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.ilora_kernels.reference_backward,
-                          (dy, x.detach(), w.detach(), wr.detach(), a.detach(), bb.detach(), h.detach(), g.detach(), 2.0, 0.2, 17,
-                           [True, False, True, True]))
+                          (dy, x.detach(), w.detach(), wr.detach(), a.detach(), bb.detach(), h.detach(), g.detach(),
+                           2.0, 0.2, 17, [True, False, True, True]))
