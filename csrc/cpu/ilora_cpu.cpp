@@ -133,6 +133,10 @@ constexpr int64_t kGrain = 32768;  // elements of work per parallel_for chunk (a
 
 int64_t token_grain(int64_t work_per_token) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_token)); }
 
+// Few tokens (decode sizes): per-head GEMMs straight on lora_b beat building B_cat and [W_r; A], whose copies
+// (d_out K r and (K + r) d_in elements) cost more than the K - 1 extra passes over the small y / dy.
+bool per_head_path(int64_t n_tokens, int64_t rank) { return n_tokens <= rank; }
+
 // B_cat = [B_1 | ... | B_K]: (K, d_out, r) -> (d_out, K r), a small contiguous copy.
 at::Tensor concat_heads(const at::Tensor& lora_b) {
   const int64_t num_heads = lora_b.size(0), d_out = lora_b.size(1), rank = lora_b.size(2);
@@ -278,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   at::Tensor z;  // source of the logits (row stride ld_z) and of h (row stride ld_h)
   int64_t ld_z = 0, ld_h = 0, h_offset = 0;
   at::Tensor h_src;
-  if (dropout_p == 0.0) {
+  const bool per_head = per_head_path(n, rank);
+  if (dropout_p == 0.0 && !per_head) {
     // ONE shrink GEMM against [W_r; A] ((K + r) x d_in, a small copy)
     z = at::mm(x, at::cat({router_weight, lora_a}, 0).t());
     ld_z = num_heads + rank;
@@ -288,10 +293,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   } else {
     z = at::mm(x, router_weight.t());  // the router sees the clean x
     ld_z = num_heads;
-    at::Tensor xd = at::empty({n, x.size(1)}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ilora_dropout_cpu",
-                                    [&] { dropout_rows<scalar_t>(x, xd, seed, dropout_p); });
-    at::mm_out(h, xd, lora_a.t());
+    if (dropout_p == 0.0) {
+      at::mm_out(h, x, lora_a.t());
+    } else {
+      at::Tensor xd = at::empty({n, x.size(1)}, x.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ilora_dropout_cpu",
+                                      [&] { dropout_rows<scalar_t>(x, xd, seed, dropout_p); });
+      at::mm_out(h, xd, lora_a.t());
+    }
     h_src = h;
     ld_h = rank;
   }
@@ -308,7 +317,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   } else {
     y = at::mm(x, weight.t());
   }
-  y.addmm_(u, concat_heads(lora_b).t(), /*beta=*/1, /*alpha=*/scaling);
+  if (per_head) {
+    for (int64_t k = 0; k < num_heads; ++k) {
+      y.addmm_(u.narrow(1, k * rank, rank), lora_b.select(0, k).t(), /*beta=*/1, /*alpha=*/scaling);
+    }
+  } else {
+    y.addmm_(u, concat_heads(lora_b).t(), /*beta=*/1, /*alpha=*/scaling);
+  }
   return {y, h, g};
 }
 
@@ -329,9 +344,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const bool need_v = need_dx || need_dwr || need_da;
   if (!need_v && !need_db) return {dx, d_router, d_lora_a, d_lora_b};
 
+  const bool per_head = per_head_path(n, rank);
   at::Tensor v, d, u;
   if (need_v) {
-    v = at::mm(dy, concat_heads(lora_b));                 // (N, K r)
+    if (per_head) {
+      v = at::empty({n, kr}, x.options());
+      for (int64_t k = 0; k < num_heads; ++k) v.narrow(1, k * rank, rank).copy_(at::mm(dy, lora_b.select(0, k)));
+    } else {
+      v = at::mm(dy, concat_heads(lora_b));               // (N, K r)
+    }
     d = at::empty({n, num_heads + rank}, x.options());    // [dz | dh]
   }
   if (need_db) u = at::empty({n, kr}, x.options());
@@ -342,7 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
                               n, static_cast<int>(num_heads), rank, scaling);
   });
 
-  if (need_db) {
+  if (need_db && per_head) {
+    d_lora_b = at::empty({num_heads, d_out, rank}, x.options());
+    for (int64_t k = 0; k < num_heads; ++k) {
+      at::Tensor out_k = d_lora_b.select(0, k);  // contiguous (d_out, r)
+      at::addmm_out(out_k, out_k, dy.t(), u.narrow(1, k * rank, rank), /*beta=*/0, /*alpha=*/scaling);
+    }
+  } else if (need_db) {
     at::Tensor db_cat = at::empty({d_out, kr}, x.options());
     at::addmm_out(db_cat, db_cat, dy.t(), u, /*beta=*/0, /*alpha=*/scaling);  // s dy^T u (beta = 0 ignores db_cat)
     d_lora_b = db_cat.view({d_out, num_heads, rank}).permute({1, 0, 2}).contiguous();
@@ -354,7 +381,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     if (need_dx) {
       dx = at::empty({n, d_in}, x.options());
       at::mm_out(dx, dy, weight);
-      dx.addmm_(d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
+      if (per_head) {
+        dx.addmm_(dz, router_weight);
+        dx.addmm_(dh, lora_a);
+      } else {
+        dx.addmm_(d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
+      }
     }
     if (need_dwr && need_da) {
       const at::Tensor grads = at::mm(d.t(), x);  // [dW_r; dA] = [dz | dh]^T x in ONE GEMM
