@@ -554,8 +554,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
         else:
             u = (g.to(dt).unsqueeze(2) * h.unsqueeze(1)).reshape(n, num_heads * rank)
             d_b_cat = torch.mm(dy.t(), u)                                          # (d_out, K r)
-            d_lora_b.copy_(d_b_cat.view(d_out, num_heads, rank).permute(1, 0, 2))
-            d_lora_b.mul_(scaling)
+            torch.mul(d_b_cat.view(d_out, num_heads, rank).permute(1, 0, 2), scaling, out=d_lora_b)  # one pass
 
     if need_dx or need_dwr or need_da:
         has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
