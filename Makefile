@@ -40,13 +40,13 @@ demo-kernels: $(VENV)/.built
 	$(PY) -m ilora_kernels.demo
 
 lint: $(VENV)/.built
-	$(PY) -m ruff check ilora_kernels benchmarks tests
+	$(PY) -m ruff check .
 
 dist: $(VENV)/.built
 	ILORA_SKIP_EXTENSION=1 $(PY) -m build --no-isolation --outdir dist .
 
 test: $(VENV)/.built
-	$(PY) -m ruff check ilora_kernels benchmarks tests
+	$(PY) -m ruff check .
 	@if [ -n "$(CUDA_HOME)" ]; then bash scripts/check_cuda_sources.sh; fi
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable

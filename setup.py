@@ -40,15 +40,17 @@ def _extensions():
         sys.exit("ilora_kernels: torch must be installed before building the extension; install torch, then run "
                  "`pip install --no-build-isolation .` (or set ILORA_SKIP_EXTENSION=1 for a pure-Python install)")
 
-    sources = [str(p.relative_to(ROOT)) for p in [ROOT / "csrc" / "ilora_ops.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]]
+    sources = [str(p.relative_to(ROOT)) for p in [ROOT / "csrc" / "ilora_ops.cpp", ROOT / "csrc" / "checks.cpp",
+                                                  *sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]]
     cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
     cxx_flags = ["-O3", f'-DILORA_TORCH_VERSION="{torch.__version__}"']
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
 
     has_toolkit = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    want_cuda = not _flag("ILORA_SKIP_CUDA") and (_flag("ILORA_FORCE_CUDA") or (has_toolkit and torch.cuda.is_available())
-                                                 or (has_toolkit and bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
+    want_cuda = not _flag("ILORA_SKIP_CUDA") and (
+        _flag("ILORA_FORCE_CUDA") or (has_toolkit and torch.cuda.is_available())
+        or (has_toolkit and bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
     if _flag("ILORA_FORCE_CUDA") and not has_toolkit:
         sys.exit("ilora_kernels: ILORA_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME) or torch "
                  f"{torch.__version__} is a CPU-only build")

@@ -16,41 +16,59 @@
 //
 // The dropout mask is never stored; every kernel regenerates it from (seed, token, column) (../common.h).
 // Limits: K <= 256 heads (per-warp shared-memory scratch).  Index arithmetic is int64 throughout.
+//
+// The tests also compile this file for the host (tests/cuda_emulation): with ILORA_CUDA_EMULATION defined, the
+// includer supplies the CUDA names used below (thread indices, __syncwarp, __shfl_xor_sync, ILORA_LAUNCH, ...)
+// and the kernels run on CPU tensors with one host thread per CUDA thread.  Build with -DILORA_POISON_OUTPUTS
+// to fill every intermediate and output buffer with NaN before the kernels write it.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#if !defined(ILORA_CUDA_EMULATION)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
-#include <algorithm>
-#include <array>
-#include <optional>
-#include <tuple>
+#define ILORA_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
+#define ILORA_LAUNCH(kernel, grid, block, smem) kernel<<<(grid), (block), (smem), ::ilora::current_stream()>>>
 
+namespace ilora {
+using half_t = __half;
+using bfloat16_t = __nv_bfloat16;
+using DeviceGuard = c10::cuda::CUDAGuard;
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+
+// The current stream of the current device (the same stream as at::cuda::getCurrentCUDAStream(), which lives in
+// ATen/cuda/CUDAContext.h; that header needs the cuSPARSE / cuBLAS headers, which a bare toolkit may not have).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+}  // namespace ilora
+#endif
+
+#include "../checks.h"
 #include "../common.h"
 #include "../token_math.h"
 
+#ifndef ILORA_CUDA_MAX_BLOCKS
+#define ILORA_CUDA_MAX_BLOCKS (1 << 20)
+#endif
+
 namespace ilora {
-
-// Defined in ../cpu/ilora_cpu.cpp (always compiled into the same extension).
-void check_fused_forward_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& router_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                double scaling, double dropout_p, int64_t top_k, c10::DeviceType device_type);
-void check_fused_backward_inputs(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& router_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                 const at::Tensor& h, const at::Tensor& g, double scaling, double dropout_p,
-                                 c10::DeviceType device_type);
-
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kWarpThreads = 32;
 constexpr int kElementwiseThreads = 256;
 constexpr int64_t kMaxHeads = 256;
-constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
+constexpr int64_t kMaxBlocks = ILORA_CUDA_MAX_BLOCKS;  // grid-stride loops cover the rest
 
 // ---------------------------------------------------------------------------------------------------------------
 // kernels
@@ -67,7 +85,7 @@ __global__ void route_kernel(const scalar_t* __restrict__ logits, int64_t ld_log
                              scalar_t* __restrict__ u, int64_t n, int num_heads, int64_t rank, int top_k) {
   using C = Cvt<scalar_t>;
   using acc_t = typename C::acc;
-  extern __shared__ __align__(16) unsigned char ilora_smem[];
+  ILORA_DYNAMIC_SHARED_MEMORY(ilora_smem);
   const int warp = threadIdx.x / kWarpThreads, lane = threadIdx.x % kWarpThreads;
   acc_t* s_logits = reinterpret_cast<acc_t*>(ilora_smem) + static_cast<int64_t>(warp) * 2 * num_heads;
   acc_t* s_g = s_logits + num_heads;
@@ -112,7 +130,7 @@ __global__ void backward_token_kernel(const scalar_t* __restrict__ v, const scal
                                       typename Cvt<scalar_t>::acc scaling) {
   using C = Cvt<scalar_t>;
   using acc_t = typename C::acc;
-  extern __shared__ __align__(16) unsigned char ilora_smem[];
+  ILORA_DYNAMIC_SHARED_MEMORY(ilora_smem);
   const int warp = threadIdx.x / kWarpThreads, lane = threadIdx.x % kWarpThreads;
   acc_t* s_g = reinterpret_cast<acc_t*>(ilora_smem) + static_cast<int64_t>(warp) * 3 * num_heads;
   acc_t* s_dg = s_g + num_heads;
@@ -164,10 +182,6 @@ __global__ void masked_add_kernel(scalar_t* __restrict__ dx, const scalar_t* __r
 // ---------------------------------------------------------------------------------------------------------------
 // launchers (one per kernel; nothing is launched for empty work)
 
-// The current stream of the current device (the same stream as at::cuda::getCurrentCUDAStream(), which lives in
-// ATen/cuda/CUDAContext.h; that header needs the cuSPARSE / cuBLAS headers, which a bare toolkit may not have).
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 template <typename T>
 struct Tag {
   using type = T;
@@ -179,8 +193,8 @@ void dispatch_dtype(at::ScalarType dtype, const char* what, F&& f) {
   switch (dtype) {
     case at::kFloat: f(Tag<float>{}); break;
     case at::kDouble: f(Tag<double>{}); break;
-    case at::kHalf: f(Tag<__half>{}); break;
-    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case at::kHalf: f(Tag<half_t>{}); break;
+    case at::kBFloat16: f(Tag<bfloat16_t>{}); break;
     default: TORCH_CHECK(false, what, ": unsupported dtype ", dtype);
   }
 }
@@ -207,7 +221,7 @@ void launch_route(const at::Tensor& logits_src, int64_t ld_logits, const at::Ten
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename Cvt<scalar_t>::acc;
     const size_t smem = sizeof(acc_t) * 2 * num_heads * kWarpsPerBlock;
-    route_kernel<scalar_t><<<warp_grid(n), kWarpsPerBlock * kWarpThreads, smem, current_stream()>>>(
+    ILORA_LAUNCH(route_kernel<scalar_t>, warp_grid(n), kWarpsPerBlock * kWarpThreads, smem)(
         ptr<const scalar_t>(logits_src), ld_logits, ptr<const scalar_t>(h_src) + h_offset, ld_h, ptr<acc_t>(g),
         ptr<scalar_t>(h), copy_h, ptr<scalar_t>(u), n, static_cast<int>(num_heads), rank, top_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -220,7 +234,7 @@ void launch_dropout(const at::Tensor& x, at::Tensor& out, int64_t seed, double p
   dispatch_dtype(x.scalar_type(), "ilora dropout_kernel", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename Cvt<scalar_t>::acc;
-    dropout_kernel<scalar_t><<<elementwise_grid(n * d), kElementwiseThreads, 0, current_stream()>>>(
+    ILORA_LAUNCH(dropout_kernel<scalar_t>, elementwise_grid(n * d), kElementwiseThreads, 0)(
         ptr<const scalar_t>(x), x.stride(0), x.stride(1), ptr<scalar_t>(out), n, d, static_cast<uint32_t>(seed),
         dropout_threshold(p), acc_t(1.0 / (1.0 - p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -235,8 +249,7 @@ void launch_backward_tokens(const at::Tensor* v, const at::Tensor& h, const at::
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename Cvt<scalar_t>::acc;
     const size_t smem = sizeof(acc_t) * 3 * num_heads * kWarpsPerBlock;
-    backward_token_kernel<scalar_t>
-        <<<warp_grid(n), kWarpsPerBlock * kWarpThreads, smem, current_stream()>>>(
+    ILORA_LAUNCH(backward_token_kernel<scalar_t>, warp_grid(n), kWarpsPerBlock * kWarpThreads, smem)(
             v ? ptr<const scalar_t>(*v) : nullptr, ptr<const scalar_t>(h), ptr<const acc_t>(g),
             d ? ptr<scalar_t>(*d) : nullptr, u ? ptr<scalar_t>(*u) : nullptr, n, static_cast<int>(num_heads), rank,
             acc_t(scaling));
@@ -251,10 +264,9 @@ void launch_masked_add(at::Tensor& dx, const at::Tensor& t, int64_t seed, double
   dispatch_dtype(dx.scalar_type(), "ilora masked_add_kernel", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename Cvt<scalar_t>::acc;
-    masked_add_kernel<scalar_t><<<elementwise_grid(n * d), kElementwiseThreads, 0,
-                                  current_stream()>>>(ptr<scalar_t>(dx), ptr<const scalar_t>(t), n, d,
-                                                                       static_cast<uint32_t>(seed),
-                                                                       dropout_threshold(p), acc_t(1.0 / (1.0 - p)));
+    ILORA_LAUNCH(masked_add_kernel<scalar_t>, elementwise_grid(n * d), kElementwiseThreads, 0)(
+        ptr<scalar_t>(dx), ptr<const scalar_t>(t), n, d, static_cast<uint32_t>(seed), dropout_threshold(p),
+        acc_t(1.0 / (1.0 - p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -262,8 +274,13 @@ void launch_masked_add(at::Tensor& dx, const at::Tensor& t, int64_t seed, double
 // ---------------------------------------------------------------------------------------------------------------
 // the ops
 
-at::ScalarType router_dtype(at::ScalarType activation) {
-  return activation == at::kDouble ? at::kDouble : at::kFloat;
+// at::empty, or filled with NaN under ILORA_POISON_OUTPUTS (so that an element no kernel writes shows up).
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(ILORA_POISON_OUTPUTS)
+  t.fill_(NAN);
+#endif
+  return t;
 }
 
 at::Tensor concat_heads(const at::Tensor& lora_b) {
@@ -281,22 +298,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     const at::Tensor& router_weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
     double dropout_p, int64_t seed, int64_t top_k) {
   check_fused_forward_inputs(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, top_k,
-                             c10::DeviceType::CUDA);
+                             kKernelDevice);
   check_heads("ilora_kernels::fused_forward", router_weight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t n = x.size(0), num_heads = router_weight.size(0), rank = lora_a.size(0);
   const int top = static_cast<int>(std::min<int64_t>(top_k, num_heads));
 
-  at::Tensor h = at::empty({n, rank}, x.options());
-  at::Tensor g = at::empty({n, num_heads}, x.options().dtype(router_dtype(x.scalar_type())));
-  at::Tensor u = at::empty({n, num_heads * rank}, x.options());
+  at::Tensor h = uninitialized({n, rank}, x.options());
+  at::Tensor g = uninitialized({n, num_heads}, x.options().dtype(router_dtype(x.scalar_type())));
+  at::Tensor u = uninitialized({n, num_heads * rank}, x.options());
   if (dropout_p == 0.0) {
     // ONE shrink GEMM against [W_r; A]; the route kernel reads the logits and h out of it
     const at::Tensor z = at::mm(x, at::cat({router_weight, lora_a}, 0).t());
     launch_route(z, num_heads + rank, z, num_heads, num_heads + rank, g, h, u, top);
   } else {
     const at::Tensor logits = at::mm(x, router_weight.t());  // the router sees the clean x
-    at::Tensor xd = at::empty({n, x.size(1)}, x.options());
+    at::Tensor xd = uninitialized({n, x.size(1)}, x.options());
     launch_dropout(x, xd, seed, dropout_p);
     at::mm_out(h, xd, lora_a.t());
     launch_route(logits, num_heads, h, 0, rank, g, h, u, top);
@@ -311,9 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& h_in, const at::Tensor& g_in, double scaling,
     double dropout_p, int64_t seed, std::array<bool, 4> output_mask) {
   check_fused_backward_inputs(dy, x, weight, router_weight, lora_a, lora_b, h_in, g_in, scaling, dropout_p,
-                              c10::DeviceType::CUDA);
+                              kKernelDevice);
   check_heads("ilora_kernels::fused_backward", router_weight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const bool need_dx = output_mask[0], need_dwr = output_mask[1], need_da = output_mask[2], need_db = output_mask[3];
   const int64_t n = x.size(0), d_in = x.size(1), d_out = weight.size(0), num_heads = router_weight.size(0),
                 rank = lora_a.size(0), kr = num_heads * rank;
@@ -327,14 +344,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   at::Tensor v, d, u;
   if (need_v) {
     v = at::mm(dy, concat_heads(lora_b));               // (N, K r)
-    d = at::empty({n, num_heads + rank}, x.options());  // [dz | dh]
+    d = uninitialized({n, num_heads + rank}, x.options());  // [dz | dh]
   }
-  if (need_db) u = at::empty({n, kr}, x.options());
+  if (need_db) u = uninitialized({n, kr}, x.options());
   launch_backward_tokens(need_v ? &v : nullptr, h, g, need_v ? &d : nullptr, need_db ? &u : nullptr, scaling);
 
   if (need_db) {
     at::Tensor db_cat = at::mm(dy.t(), u);  // (d_out, K r)
-    d_lora_b = at::empty({num_heads, d_out, rank}, x.options());
+    d_lora_b = uninitialized({num_heads, d_out, rank}, x.options());
     at::mul_out(d_lora_b, db_cat.view({d_out, num_heads, rank}).permute({1, 0, 2}), at::Scalar(scaling));
   }
   if (!need_v) return {dx, d_router, d_lora_a, d_lora_b};
@@ -342,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const at::Tensor dz = d.narrow(1, 0, num_heads), dh = d.narrow(1, num_heads, rank);
   if (dropout_p == 0.0) {
     if (need_dx) {
-      dx = at::empty({n, d_in}, x.options());
+      dx = uninitialized({n, d_in}, x.options());
       at::mm_out(dx, dy, weight);
       dx.addmm_(d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
     }
@@ -357,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     }
   } else {
     if (need_dx) {
-      dx = at::empty({n, d_in}, x.options());
+      dx = uninitialized({n, d_in}, x.options());
       at::mm_out(dx, dy, weight);
       dx.addmm_(dz, router_weight);
       const at::Tensor t = at::mm(dh, lora_a);  // (N, d_in): masked and scaled while it is added
@@ -365,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     }
     if (need_dwr) d_router = at::mm(dz.t(), x);
     if (need_da) {
-      at::Tensor xd = at::empty({n, d_in}, x.options());
+      at::Tensor xd = uninitialized({n, d_in}, x.options());
       launch_dropout(x, xd, seed, dropout_p);
       d_lora_a = at::mm(dh.t(), xd);
     }
@@ -376,7 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
 }  // namespace
 }  // namespace ilora
 
+#if !defined(ILORA_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(ilora_kernels, CUDA, m) {
   m.impl("fused_forward", &ilora::fused_forward_cuda);
   m.impl("fused_backward", &ilora::fused_backward_cuda);
 }
+#endif

@@ -1,0 +1,218 @@
+"""The CUDA backend's source (csrc/cuda/ilora_cuda.cu: the four kernels, their launchers and the op bodies) compiled
+for the host against tests/cuda_emulation/host_emulation.h and run on CPU tensors, against the float64
+implementation of tests/test_cpu_backend.py (SPEC section 1).
+
+This runs the real kernel code (indexing, per-warp shared-memory scratch, warp-shuffle reductions, grid-stride
+loops with a grid capped at 3 blocks, dropout regeneration, launch configuration checks) without a GPU; the
+GEMMs are ATen's CPU ones instead of cuBLAS, and the half types are c10's.  tests/test_cuda_backend.py runs the
+same source on a GPU.  The extension is built with ILORA_POISON_OUTPUTS, so every buffer the op allocates starts
+as NaN and an element no kernel writes fails the finiteness check of rel_err.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import pytest
+import torch
+from test_cpu_backend import CASES, LOW, case_id, expected, make_inputs, rel_err, run_layer, tolerance
+
+from ilora_kernels import _dropout, functional
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAX_BLOCKS = 3  # emulated grids are capped at 3 blocks, so every kernel's grid-stride loop runs several rounds
+WARPS_PER_BLOCK = 4  # route / backward kernels: one token per warp and grid-stride round
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """torch.ops.ilora_cuda_emulation, built once per test session (about 10 s on 2 cores)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on PATH to build the CUDA emulation")
+    from torch.utils import cpp_extension
+
+    build_dir = tmp_path_factory.mktemp("cuda_emulation")
+    sanitizer_flags = os.environ.get("ILORA_CUDA_EMULATION_FLAGS", "").split()  # e.g. -fsanitize=thread
+    cpp_extension.load(
+        name="ilora_cuda_emulation",
+        sources=[str(ROOT / "csrc" / "checks.cpp"), str(ROOT / "tests" / "cuda_emulation" / "emulated_cuda_ops.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emulation")],
+        extra_cflags=["-O1", "-DILORA_POISON_OUTPUTS", f"-DILORA_CUDA_MAX_BLOCKS={MAX_BLOCKS}", *sanitizer_flags],
+        extra_ldflags=sanitizer_flags, build_directory=str(build_dir), is_python_module=False)
+    return torch.ops.ilora_cuda_emulation
+
+
+def backward_all(emu, inputs, scaling, p, seed, top_k):
+    x, weight, b, router, lora_a, lora_b, dy = inputs
+    y, h, g = emu.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
+    grads = emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, scaling, p, seed, [True] * 4)
+    return y, h, g, list(grads)
+
+
+# top-k over (near-)tied logits is decided by rounding in half precision: those pairs are not generated
+EMU_CASES = [pytest.param(case, dtype, id=f"{case_id(case)}-{str(dtype).split('.')[1]}")
+             for case in CASES for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+             if not (dtype in LOW and case[7] in ("near_tied", "uniform") and case[5])]
+
+
+@pytest.mark.parametrize("case,dtype", EMU_CASES)
+def test_emulated_kernels_match_float64(emu, case, dtype, monkeypatch):
+    n, d_in, d_out, heads, rank, top_k, p, routing = case
+    inputs = make_inputs(n, d_in, d_out, heads, rank, routing, dtype, gen_seed=n * 31 + d_in)
+    seed, scaling = 1234567 + n, 2.0
+    y, h, g, (dx, drouter, dlora_a, dlora_b) = backward_all(emu, inputs, scaling, p, seed, top_k or 0)
+    keep = (g > 0) if (dtype in LOW and top_k) else None
+    want_y, want_h, want_g, want_grads = expected(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
+    assert (y.dtype, h.dtype) == (dtype, dtype)
+    assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    actual = {"y": y, "h": h, "g": g, "dx": dx, "drouter": drouter, "dlora_a": dlora_a, "dlora_b": dlora_b}
+    want = {"y": want_y, "h": want_h, "g": want_g, "dx": want_grads[0], "drouter": want_grads[3],
+            "dlora_a": want_grads[4], "dlora_b": want_grads[5]}
+    torch_errs = dict.fromkeys(want, 0.0)
+    if dtype in LOW:  # PyTorch's own error in this dtype (the reference backend) sets the bound
+        ry, rg, rgrads = run_layer("reference", inputs, scaling, p, seed, top_k, monkeypatch, base_grad=False)
+        torch_errs.update(y=rel_err(ry, want_y), g=rel_err(rg, want_g), h=rel_err(want_h.to(dtype), want_h),
+                          dx=rel_err(rgrads[0], want_grads[0]), drouter=rel_err(rgrads[3], want_grads[3]),
+                          dlora_a=rel_err(rgrads[4], want_grads[4]), dlora_b=rel_err(rgrads[5], want_grads[5]))
+    for name in want:
+        if name == "drouter" and routing == "one_head" and dtype != torch.float64:
+            # the router gradient is ~exp(-60) relative to the others: compare on the scale of dx instead
+            err = (actual[name].double() - want[name]).abs().max().item() / want["dx"].abs().max().item()
+        else:
+            err = rel_err(actual[name], want[name])
+        bound = tolerance(dtype, torch_errs[name])
+        assert err <= bound, f"{name}: error {err:.3e} (torch's own {torch_errs[name]:.3e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_every_output_mask(emu, dtype, p, top_k):
+    n, d_in, d_out, heads, rank = 33, 17, 19, 5, 8
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, gen_seed=5)
+    seed, scaling = 987654321, 0.75
+    _, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k, dy)
+    tol = tolerance(dtype, 0.0)
+    _, h, g = emu.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
+    want_back = [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]
+    masks = [[True] * 4, [True, False, False, False], [False, True, False, False], [False, False, True, False],
+             [False, False, False, True], [False, True, True, False], [True, False, False, True], [False] * 4]
+    for mask in masks:
+        outs = emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, scaling, p, seed, mask)
+        for name, m, actual, want in zip(("dx", "drouter", "dlora_a", "dlora_b"), mask, outs, want_back):
+            if m:
+                assert actual.shape == want.shape and actual.dtype == dtype, name
+                assert rel_err(actual, want) <= tol, (name, mask)
+            else:
+                assert actual.shape == (0,), (name, mask)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_non_contiguous_inputs(emu, p):
+    n, d_in, d_out, heads, rank = 33, 17, 19, 3, 8
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float64)
+    x_t = x.t().contiguous().t()  # column-major: the dropout kernel reads x through both strides
+    dy_wide = torch.randn(n, 2 * d_out, dtype=torch.float64)
+    dy_wide[:, ::2] = dy
+    dy_s = dy_wide[:, ::2]
+    assert not x_t.is_contiguous() and not dy_s.is_contiguous()
+    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
+    y, h, g = emu.fused_forward(x_t, weight, b, router.t().contiguous().t(), lora_a,
+                                lora_b.transpose(1, 2).contiguous().transpose(1, 2), 2.0, p, 77, 0)
+    assert max(rel_err(y, want_y), rel_err(h, want_h), rel_err(g, want_g)) < 1e-10
+    # h and g as a caller might hand them back: strided views
+    h_s, g_s = h.t().contiguous().t(), g.t().contiguous().t()
+    outs = emu.fused_backward(dy_s, x_t, weight.t().contiguous().t(), router, lora_a, lora_b, h_s, g_s, 2.0, p, 77,
+                              [True] * 4)
+    for actual, want in zip(outs, [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]):
+        assert rel_err(actual, want) < 1e-10
+
+
+def test_dropout_mask_is_the_shared_hash(emu):
+    """With A = I (r = d_in), h is dropout(x): its zero pattern is the mask of ilora_kernels._dropout, the same mask
+    every backend regenerates, and kept values are x / (1 - p)."""
+    n, d_in, d_out, heads = 67, 48, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(n, d_in, generator=gen, dtype=torch.float64) + 0.5  # never zero
+    weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    router = torch.randn(heads, d_in, generator=gen, dtype=torch.float64)
+    lora_a = torch.eye(d_in, dtype=torch.float64)
+    lora_b = torch.randn(heads, d_out, d_in, generator=gen, dtype=torch.float64)
+    for p, seed in ((0.1, 0), (0.5, 2**31 - 5), (0.9, 123456789)):
+        _, h, g = emu.fused_forward(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0)
+        mask = _dropout.keep_mask(seed, n, d_in, p)
+        assert torch.equal(h != 0, mask), (p, seed)
+        torch.testing.assert_close(h[mask], (x / (1.0 - p))[mask], rtol=1e-15, atol=0)
+        dy = torch.randn(n, d_out, dtype=torch.float64)
+        want = expected(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
+        outs = emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 1.0, p, seed, [True] * 4)
+        assert rel_err(outs[0], want[0]) < 1e-10 and rel_err(outs[2], want[4]) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("heads, rank, top_k", [(256, 3, 0), (37, 200, 5), (64, 33, 64)])
+def test_many_heads_wide_rank_and_many_rounds(emu, dtype, heads, rank, top_k):
+    """K up to the 256-head limit (per-warp scratch of 2K / 3K accumulators: 24 KiB for float64, under the 48 KiB
+    launch limit the emulator enforces), K and r above the 32 lanes of a warp, and ~4 grid-stride rounds per warp."""
+    n = 4 * MAX_BLOCKS * WARPS_PER_BLOCK + 5
+    inputs = make_inputs(n, 23, 11, heads, rank, "skewed", dtype, gen_seed=heads + rank)
+    y, h, g, grads = backward_all(emu, inputs, 1.5, 0.2, 99, top_k)
+    want_y, want_h, want_g, want_grads = expected(*inputs[:6], 1.5, 0.2, 99, top_k, inputs[6])
+    tol = tolerance(dtype, 0.0)
+    for name, actual, want in zip(("y", "h", "g", "dx", "drouter", "dlora_a", "dlora_b"), [y, h, g, *grads],
+                                  [want_y, want_h, want_g, want_grads[0], *want_grads[3:]]):
+        assert rel_err(actual, want) <= tol, name
+
+
+def test_more_heads_than_the_limit_is_a_clear_error(emu):
+    x, weight, b, router, lora_a, lora_b, _ = make_inputs(3, 5, 4, 257, 2, "random", torch.float32)
+    with pytest.raises(RuntimeError, match=r"router_weight has shape \[257, 5\].*at most 256 heads"):
+        emu.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.0, 0, 0)
+
+
+@pytest.mark.parametrize("p, forward_launches, backward_launches", [(0.0, 1, 1), (0.3, 2, 3)])
+def test_launch_counts(emu, p, forward_launches, backward_launches):
+    """Forward: route (plus dropout when p > 0); backward: the token kernel (plus masked-add and dropout when
+    p > 0); nothing is launched for empty work."""
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(9, 7, 5, 3, 4, "random", torch.float32)
+
+    def launches(fn):
+        before = emu.launch_count()
+        out = fn()
+        return emu.launch_count() - before, out
+
+    count, (_, h, g) = launches(lambda: emu.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 3, 0))
+    assert count == forward_launches
+    count, _ = launches(lambda: emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 3, [True] * 4))
+    assert count == backward_launches
+    count, _ = launches(lambda: emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 3,
+                                                   [False, False, False, True]))
+    assert count == 1  # dB alone: u = g (x) h from the token kernel, then one GEMM
+    count, _ = launches(lambda: emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 3,
+                                                   [False] * 4))
+    assert count == 0
+    empty = make_inputs(0, 7, 5, 3, 4, "random", torch.float32)
+    count, (y0, h0, g0) = launches(lambda: emu.fused_forward(*empty[:6], 2.0, p, 3, 0))
+    assert count == 0 and y0.shape == (0, 5) and h0.shape == (0, 4) and g0.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+def test_agrees_with_the_cpu_backend(emu, dtype):
+    """Both backends run the per-token math of csrc/token_math.h after the same ATen GEMMs: with dropout and top-k,
+    the emulated CUDA ops and the C++ CPU ops agree to a few units of rounding."""
+    reason = functional.available_backends()["cpu"]
+    if reason is not None:
+        pytest.skip(f"the C++ CPU backend is unavailable: {reason}")
+    inputs = make_inputs(150, 40, 24, 3, 16, "skewed", dtype, gen_seed=11)  # N > r: the CPU backend's fused path
+    emu_out = backward_all(emu, inputs, 2.0, 0.1, 5, 2)
+    cpu = torch.ops.ilora_kernels
+    x, weight, b, router, lora_a, lora_b, dy = inputs
+    y, h, g = cpu.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.1, 5, 2)
+    cpu_grads = cpu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, 0.1, 5, [True] * 4)
+    eps = torch.finfo(dtype).eps
+    for name, a, c in zip(("y", "h", "g", "dx", "drouter", "dlora_a", "dlora_b"),
+                          [*emu_out[:3], *emu_out[3]], [y, h, g, *cpu_grads]):
+        assert a.dtype == c.dtype and a.shape == c.shape, name
+        assert rel_err(a, c.double()) <= 4 * eps, name
