@@ -33,8 +33,11 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler on PATH to build the CUDA emulation")
     from torch.utils import cpp_extension
 
-    build_dir = tmp_path_factory.mktemp("cuda_emulation")
-    sanitizer_flags = os.environ.get("ILORA_CUDA_EMULATION_FLAGS", "").split()  # e.g. -fsanitize=thread
+    # a sanitizer run builds first (ILORA_CUDA_EMULATION_FLAGS="-fsanitize=thread", a fixed ILORA_CUDA_EMULATION_DIR),
+    # then reruns with the sanitizer runtime preloaded (see docs/reliability.md)
+    sanitizer_flags = os.environ.get("ILORA_CUDA_EMULATION_FLAGS", "").split()
+    build_dir = os.environ.get("ILORA_CUDA_EMULATION_DIR") or tmp_path_factory.mktemp("cuda_emulation")
+    os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(
         name="ilora_cuda_emulation",
         sources=[str(ROOT / "csrc" / "checks.cpp"), str(ROOT / "tests" / "cuda_emulation" / "emulated_cuda_ops.cpp")],
