@@ -8,14 +8,11 @@
 
 #include <string>
 
+#include "op_schemas.h"
+
 TORCH_LIBRARY(ilora_kernels, m) {
-  m.def(
-      "fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_weight, Tensor lora_a, Tensor lora_b, "
-      "float scaling, float dropout_p, int seed, int top_k) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "fused_backward(Tensor dy, Tensor x, Tensor weight, Tensor router_weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor h, Tensor g, float scaling, float dropout_p, int seed, bool[4] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(ilora::kFusedForwardSchema);
+  m.def(ilora::kFusedBackwardSchema);
 }
 
 namespace {

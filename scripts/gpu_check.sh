@@ -39,6 +39,15 @@ BUILD_OK=1
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} ILORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=${MAX_JOBS:-16} \
   timeout 240 $PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$LOG_DIR/build.log" 2>&1 || BUILD_OK=0
 tail -n 5 "$LOG_DIR/build.log"
+if [ "$BUILD_OK" = 0 ]; then
+  # pip could not build (e.g. a setuptools too old for pyproject.toml): build the extension in place instead
+  echo "pip install failed; building ilora_kernels/_C.so in place (scripts/build_inplace.py)"
+  BUILD_OK=1
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=${MAX_JOBS:-16} \
+    timeout 240 $PY scripts/build_inplace.py > "$LOG_DIR/build-inplace.log" 2>&1 || BUILD_OK=0
+  tail -n 5 "$LOG_DIR/build-inplace.log"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 [ "$BUILD_OK" = 1 ] || echo "BUILD FAILED (continuing with the Triton and reference backends)"
 $PY -m ilora_kernels.env 2>&1 | tee "$LOG_DIR/env.txt"
 

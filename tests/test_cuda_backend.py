@@ -1,5 +1,5 @@
 """The C++/CUDA backend (``backend="cuda"``, ops ``ilora_kernels::fused_forward`` / ``fused_backward`` on CUDA tensors)
-against the independent float64 implementation of tests/test_cpu_backend.py (SPEC section 1), plus dropout masks
+against the independent float64 implementation of tests/fused_op_checks.py (SPEC section 1), plus dropout masks
 identical to the CPU backend's and a Crab+-sized bf16 shape. Skipped without a CUDA device or a CUDA build."""
 
 from __future__ import annotations
@@ -9,6 +9,17 @@ import torch
 
 import ilora_kernels as ik
 from conftest import HAS_CUDA, requires_cuda
+from fused_op_checks import (
+    CASES,
+    LOW,
+    case_id,
+    check_every_output_mask,
+    check_non_contiguous_inputs,
+    expected,
+    make_inputs,
+    rel_err,
+    tolerance,
+)
 from ilora_kernels import _dropout, functional
 
 pytestmark = requires_cuda
@@ -17,9 +28,6 @@ if HAS_CUDA:
     _reason = functional.available_backends()["cuda"]  # also attaches the fakes and autograd of the fused ops
     if _reason is not None:
         pytest.skip(f"the CUDA backend is unavailable: {_reason}", allow_module_level=True)
-    from test_cpu_backend import CASES, LOW, case_id, expected, make_inputs, rel_err, tolerance  # noqa: E402
-else:
-    CASES, case_id = [], str
 
 OPS = torch.ops.ilora_kernels
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -41,7 +49,7 @@ def run_layer(backend, inputs, scaling, p, seed, top_k, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES if HAS_CUDA else [], ids=case_id)
 def test_layer_matches_float64(case, dtype, monkeypatch):
     n, d_in, d_out, heads, rank, top_k, p, routing = case
     if dtype in LOW and routing in ("near_tied", "uniform") and top_k:
@@ -74,39 +82,12 @@ def test_layer_matches_float64(case, dtype, monkeypatch):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("top_k", [0, 2])
 def test_raw_ops_all_masks(dtype, p, top_k):
-    n, d_in, d_out, heads, rank = 33, 17, 19, 5, 8
-    x, weight, b, router, lora_a, lora_b, dy = cuda_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, gen_seed=5)
-    seed, scaling = 987654321, 0.75
-    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k, dy)
-    tol = tolerance(dtype, 0.0)
-    y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
-    for name, actual, want in (("y", y, want_y), ("h", h, want_h), ("g", g, want_g)):
-        assert rel_err(actual, want) <= tol, name
-    want_back = [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]
-    for mask in ([True] * 4, [True, False, False, False], [False, True, False, False], [False, False, True, False],
-                 [False, False, False, True], [False, True, True, False], [False] * 4):
-        outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, scaling, p, seed, mask)
-        for name, m, actual, want in zip(("dx", "drouter", "dlora_a", "dlora_b"), mask, outs, want_back):
-            if m:
-                assert rel_err(actual, want) <= tol, (name, mask)
-            else:
-                assert actual.shape == (0,), (name, mask)
+    check_every_output_mask(OPS, dtype, p, top_k, device="cuda")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_non_contiguous_x_and_dy(p):
-    n, d_in, d_out, heads, rank = 33, 17, 19, 3, 8
-    x, weight, b, router, lora_a, lora_b, dy = cuda_inputs(n, d_in, d_out, heads, rank, "random", torch.float64)
-    x_t = x.t().contiguous().t()
-    dy_wide = torch.randn(n, 2 * d_out, dtype=torch.float64, device="cuda")
-    dy_wide[:, ::2] = dy
-    dy_s = dy_wide[:, ::2]
-    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
-    y, h, g = OPS.fused_forward(x_t, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0)
-    assert rel_err(y, want_y) < 1e-10 and rel_err(h, want_h) < 1e-10 and rel_err(g, want_g) < 1e-10
-    outs = OPS.fused_backward(dy_s, x_t, weight, router, lora_a, lora_b, h, g, 2.0, p, 77, [True] * 4)
-    for actual, want in zip(outs, [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]):
-        assert rel_err(actual, want) < 1e-10
+def test_non_contiguous_inputs(p):
+    check_non_contiguous_inputs(OPS, p, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])

@@ -1,6 +1,6 @@
 """The CUDA backend's source (csrc/cuda/ilora_cuda.cu: the four kernels, their launchers and the op bodies) compiled
 for the host against tests/cuda_emulation/host_emulation.h and run on CPU tensors, against the float64
-implementation of tests/test_cpu_backend.py (SPEC section 1).
+implementation of tests/fused_op_checks.py (SPEC section 1).
 
 This runs the real kernel code (indexing, per-warp shared-memory scratch, warp-shuffle reductions, grid-stride
 loops with a grid capped at 3 blocks, dropout regeneration, launch configuration checks) without a GPU; the
@@ -17,9 +17,20 @@ import shutil
 
 import pytest
 import torch
-from test_cpu_backend import CASES, LOW, case_id, expected, make_inputs, rel_err, run_layer, tolerance
 
-from ilora_kernels import _dropout, functional
+from fused_op_checks import (
+    CASE_DTYPES,
+    LOW,
+    check_dropout_mask_is_the_shared_hash,
+    check_every_output_mask,
+    check_non_contiguous_inputs,
+    expected,
+    make_inputs,
+    rel_err,
+    run_layer,
+    tolerance,
+)
+from ilora_kernels import functional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_BLOCKS = 3  # emulated grids are capped at 3 blocks, so every kernel's grid-stride loop runs several rounds
@@ -54,13 +65,7 @@ def backward_all(emu, inputs, scaling, p, seed, top_k):
     return y, h, g, list(grads)
 
 
-# top-k over (near-)tied logits is decided by rounding in half precision: those pairs are not generated
-EMU_CASES = [pytest.param(case, dtype, id=f"{case_id(case)}-{str(dtype).split('.')[1]}")
-             for case in CASES for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-             if not (dtype in LOW and case[7] in ("near_tied", "uniform") and case[5])]
-
-
-@pytest.mark.parametrize("case,dtype", EMU_CASES)
+@pytest.mark.parametrize("case,dtype", CASE_DTYPES)
 def test_emulated_kernels_match_float64(emu, case, dtype, monkeypatch):
     n, d_in, d_out, heads, rank, top_k, p, routing = case
     inputs = make_inputs(n, d_in, d_out, heads, rank, routing, dtype, gen_seed=n * 31 + d_in)
@@ -93,65 +98,16 @@ def test_emulated_kernels_match_float64(emu, case, dtype, monkeypatch):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("top_k", [0, 2])
 def test_every_output_mask(emu, dtype, p, top_k):
-    n, d_in, d_out, heads, rank = 33, 17, 19, 5, 8
-    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, gen_seed=5)
-    seed, scaling = 987654321, 0.75
-    _, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k, dy)
-    tol = tolerance(dtype, 0.0)
-    _, h, g = emu.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
-    want_back = [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]
-    masks = [[True] * 4, [True, False, False, False], [False, True, False, False], [False, False, True, False],
-             [False, False, False, True], [False, True, True, False], [True, False, False, True], [False] * 4]
-    for mask in masks:
-        outs = emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, scaling, p, seed, mask)
-        for name, m, actual, want in zip(("dx", "drouter", "dlora_a", "dlora_b"), mask, outs, want_back):
-            if m:
-                assert actual.shape == want.shape and actual.dtype == dtype, name
-                assert rel_err(actual, want) <= tol, (name, mask)
-            else:
-                assert actual.shape == (0,), (name, mask)
+    check_every_output_mask(emu, dtype, p, top_k)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_non_contiguous_inputs(emu, p):
-    n, d_in, d_out, heads, rank = 33, 17, 19, 3, 8
-    x, weight, b, router, lora_a, lora_b, dy = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float64)
-    x_t = x.t().contiguous().t()  # column-major: the dropout kernel reads x through both strides
-    dy_wide = torch.randn(n, 2 * d_out, dtype=torch.float64)
-    dy_wide[:, ::2] = dy
-    dy_s = dy_wide[:, ::2]
-    assert not x_t.is_contiguous() and not dy_s.is_contiguous()
-    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
-    y, h, g = emu.fused_forward(x_t, weight, b, router.t().contiguous().t(), lora_a,
-                                lora_b.transpose(1, 2).contiguous().transpose(1, 2), 2.0, p, 77, 0)
-    assert max(rel_err(y, want_y), rel_err(h, want_h), rel_err(g, want_g)) < 1e-10
-    # h and g as a caller might hand them back: strided views
-    h_s, g_s = h.t().contiguous().t(), g.t().contiguous().t()
-    outs = emu.fused_backward(dy_s, x_t, weight.t().contiguous().t(), router, lora_a, lora_b, h_s, g_s, 2.0, p, 77,
-                              [True] * 4)
-    for actual, want in zip(outs, [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]):
-        assert rel_err(actual, want) < 1e-10
+    check_non_contiguous_inputs(emu, p)
 
 
 def test_dropout_mask_is_the_shared_hash(emu):
-    """With A = I (r = d_in), h is dropout(x): its zero pattern is the mask of ilora_kernels._dropout, the same mask
-    every backend regenerates, and kept values are x / (1 - p)."""
-    n, d_in, d_out, heads = 67, 48, 3, 2
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(n, d_in, generator=gen, dtype=torch.float64) + 0.5  # never zero
-    weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    router = torch.randn(heads, d_in, generator=gen, dtype=torch.float64)
-    lora_a = torch.eye(d_in, dtype=torch.float64)
-    lora_b = torch.randn(heads, d_out, d_in, generator=gen, dtype=torch.float64)
-    for p, seed in ((0.1, 0), (0.5, 2**31 - 5), (0.9, 123456789)):
-        _, h, g = emu.fused_forward(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0)
-        mask = _dropout.keep_mask(seed, n, d_in, p)
-        assert torch.equal(h != 0, mask), (p, seed)
-        torch.testing.assert_close(h[mask], (x / (1.0 - p))[mask], rtol=1e-15, atol=0)
-        dy = torch.randn(n, d_out, dtype=torch.float64)
-        want = expected(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
-        outs = emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 1.0, p, seed, [True] * 4)
-        assert rel_err(outs[0], want[0]) < 1e-10 and rel_err(outs[2], want[4]) < 1e-10
+    check_dropout_mask_is_the_shared_hash(emu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
