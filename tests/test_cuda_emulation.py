@@ -11,13 +11,18 @@ as NaN and an element no kernel writes fails the finiteness check of rel_err.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
+import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+import test_fuzz
 from fused_op_checks import (
     CASE_DTYPES,
     LOW,
@@ -175,3 +180,51 @@ def test_agrees_with_the_cpu_backend(emu, dtype):
                           [*emu_out[:3], *emu_out[3]], [y, h, g, *cpu_grads]):
         assert a.dtype == c.dtype and a.shape == c.shape, name
         assert rel_err(a, c.double()) <= 4 * eps, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole Python path (ilora_linear, autograd, leading dims, strides, bad input) over the emulated CUDA ops
+
+
+@contextlib.contextmanager
+def cpu_kernels_replaced_by(emu):
+    """Registers the emulated CUDA ops as the CPU kernels of ilora_kernels::fused_forward / fused_backward for the
+    duration (the dispatcher restores the C++ CPU kernels when the registration is destroyed)."""
+    lib = torch.library.Library("ilora_kernels", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("fused_forward", lambda *args: emu.fused_forward(*args), "CPU")
+        lib.impl("fused_backward", lambda *args: emu.fused_backward(*args), "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def test_cpu_kernel_replacement_reaches_the_emulation_and_is_undone(emu):
+    if functional.available_backends()["cpu"] is not None:
+        pytest.skip(f"needs the compiled extension for the op schemas: {functional.available_backends()['cpu']}")
+    inputs = make_inputs(9, 7, 5, 3, 4, "random", torch.float32)
+    x, weight, b, router, lora_a, lora_b, _ = inputs
+    with cpu_kernels_replaced_by(emu):
+        before = emu.launch_count()
+        functional.ilora_linear(x, weight, b, router, lora_a, lora_b, 2.0, backend="cpu")
+        assert emu.launch_count() > before
+    before = emu.launch_count()
+    functional.ilora_linear(x, weight, b, router, lora_a, lora_b, 2.0, backend="cpu")
+    assert emu.launch_count() == before
+
+
+FUZZ_EXAMPLES = int(os.environ.get("ILORA_FUZZ_EXAMPLES", "50")) // 2
+
+
+@test_fuzz._settings(FUZZ_EXAMPLES)
+@given(data=st.data())
+def test_fuzz_ilora_linear_over_the_emulated_cuda_ops(emu, data):
+    """tests/test_fuzz.py's problems (N from 0, 1-D to 4-D x, strided x and weights, K up to 64, r up to 256,
+    top-k, dropout, invalid inputs) through ilora_linear with the emulated CUDA ops under the CPU backend."""
+    if functional.available_backends()["cpu"] is not None:
+        pytest.skip(f"needs the compiled extension for the op schemas: {functional.available_backends()['cpu']}")
+    problem = data.draw(test_fuzz.problems("cuda"))
+    with cpu_kernels_replaced_by(emu):
+        test_fuzz.check_problem("cpu", problem)
