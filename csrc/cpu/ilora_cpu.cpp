@@ -15,7 +15,8 @@
 // copying internally only when neither dimension has unit stride), and the dropout pass reads x through its
 // strides.  With dropout, dropout(x) is materialised once (N x d_in) for the A GEMM: a CPU GEMM cannot apply the
 // mask on the fly.  The mask is never stored: it is regenerated from (seed, token, column) (common.h).
-// Small tensors (router_weight, lora_a, lora_b, h, g) are made contiguous freely.
+// Small tensors (router_weight, lora_a, lora_b, h, g) are made contiguous freely.  Exception: float16 GEMMs run
+// in float32 on widened copies of their operands (see gemm() below), because ATen's float16 CPU GEMM is very slow.
 //
 // The input checks live in ../checks.cpp (shared with the CUDA backend).
 #include <ATen/ATen.h>
@@ -172,6 +173,48 @@ void backward_tokens(const scalar_t* v, const scalar_t* h, const typename Cvt<sc
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// GEMMs.  ATen's CPU GEMM for float16 has no fast kernel on CPUs without AVX512-FP16 (about 1 GFLOP/s measured on
+// the 2-core AMD EPYC of docs/kernel_design.md, 50-100x slower than float32), so float16 operands are multiplied
+// in float32 and the product rounded once to float16, which is what a float16 GEMM with float32 accumulation
+// computes.  Every other dtype goes straight to ATen.
+
+bool widen(const at::Tensor& a) { return a.scalar_type() == at::kHalf; }
+
+at::Tensor wide(const at::Tensor& t) { return t.to(at::kFloat); }
+
+// a b
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  return widen(a) ? at::mm(wide(a), wide(b)).to(at::kHalf) : at::mm(a, b);
+}
+
+// bias + a b
+at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  return widen(a) ? at::addmm(wide(bias), wide(a), wide(b)).to(at::kHalf) : at::addmm(bias, a, b);
+}
+
+// out = alpha a b  (out may be a view; with beta = 0 its old values, NaN included, are ignored)
+void gemm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  if (widen(a)) {
+    at::Tensor product = at::mm(wide(a), wide(b));
+    if (alpha != 1.0) product.mul_(alpha);
+    out.copy_(product);
+  } else if (alpha == 1.0) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0, alpha);
+  }
+}
+
+// c += alpha a b
+void gemm_acc(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  if (widen(a)) {
+    c.copy_(at::addmm(wide(c), wide(a), wide(b), /*beta=*/1, alpha));
+  } else {
+    c.addmm_(a, b, /*beta=*/1, alpha);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router_weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
@@ -192,21 +235,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   const bool per_head = per_head_path(n, rank);
   if (dropout_p == 0.0 && !per_head) {
     // ONE shrink GEMM against [W_r; A] ((K + r) x d_in, a small copy)
-    z = at::mm(x, at::cat({router_weight, lora_a}, 0).t());
+    z = gemm(x, at::cat({router_weight, lora_a}, 0).t());
     ld_z = num_heads + rank;
     h_src = z;
     ld_h = ld_z;
     h_offset = num_heads;
   } else {
-    z = at::mm(x, router_weight.t());  // the router sees the clean x
+    z = gemm(x, router_weight.t());  // the router sees the clean x
     ld_z = num_heads;
     if (dropout_p == 0.0) {
-      at::mm_out(h, x, lora_a.t());
+      gemm_out(h, x, lora_a.t());
     } else {
       at::Tensor xd = at::empty({n, x.size(1)}, x.options());
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ilora_dropout_cpu",
                                       [&] { dropout_rows<scalar_t>(x, xd, seed, dropout_p); });
-      at::mm_out(h, xd, lora_a.t());
+      gemm_out(h, xd, lora_a.t());
     }
     h_src = h;
     ld_h = rank;
@@ -220,16 +263,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
 
   at::Tensor y;
   if (bias.has_value() && bias->defined()) {
-    y = at::addmm(*bias, x, weight.t());
+    y = gemm_bias(*bias, x, weight.t());
   } else {
-    y = at::mm(x, weight.t());
+    y = gemm(x, weight.t());
   }
   if (per_head) {
     for (int64_t k = 0; k < num_heads; ++k) {
-      y.addmm_(u.narrow(1, k * rank, rank), lora_b.select(0, k).t(), /*beta=*/1, /*alpha=*/scaling);
+      gemm_acc(y, u.narrow(1, k * rank, rank), lora_b.select(0, k).t(), scaling);
     }
   } else {
-    y.addmm_(u, concat_heads(lora_b).t(), /*beta=*/1, /*alpha=*/scaling);
+    gemm_acc(y, u, concat_heads(lora_b).t(), scaling);
   }
   return {y, h, g};
 }
@@ -256,9 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   if (need_v) {
     if (per_head) {
       v = at::empty({n, kr}, x.options());
-      for (int64_t k = 0; k < num_heads; ++k) v.narrow(1, k * rank, rank).copy_(at::mm(dy, lora_b.select(0, k)));
+      for (int64_t k = 0; k < num_heads; ++k) gemm_out(v.narrow(1, k * rank, rank), dy, lora_b.select(0, k));
     } else {
-      v = at::mm(dy, concat_heads(lora_b));               // (N, K r)
+      v = gemm(dy, concat_heads(lora_b));                 // (N, K r)
     }
     d = at::empty({n, num_heads + rank}, x.options());    // [dz | dh]
   }
@@ -273,12 +316,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   if (need_db && per_head) {
     d_lora_b = at::empty({num_heads, d_out, rank}, x.options());
     for (int64_t k = 0; k < num_heads; ++k) {
-      at::Tensor out_k = d_lora_b.select(0, k);  // contiguous (d_out, r)
-      at::addmm_out(out_k, out_k, dy.t(), u.narrow(1, k * rank, rank), /*beta=*/0, /*alpha=*/scaling);
+      gemm_out(d_lora_b.select(0, k), dy.t(), u.narrow(1, k * rank, rank), scaling);  // contiguous (d_out, r)
     }
   } else if (need_db) {
     at::Tensor db_cat = at::empty({d_out, kr}, x.options());
-    at::addmm_out(db_cat, db_cat, dy.t(), u, /*beta=*/0, /*alpha=*/scaling);  // s dy^T u (beta = 0 ignores db_cat)
+    gemm_out(db_cat, dy.t(), u, scaling);  // s dy^T u
     d_lora_b = db_cat.view({d_out, num_heads, rank}).permute({1, 0, 2}).contiguous();
   }
   if (!need_v) return {dx, d_router, d_lora_a, d_lora_b};
@@ -287,31 +329,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   if (dropout_p == 0.0) {
     if (need_dx) {
       dx = at::empty({n, d_in}, x.options());
-      at::mm_out(dx, dy, weight);
+      gemm_out(dx, dy, weight);
       if (per_head) {
-        dx.addmm_(dz, router_weight);
-        dx.addmm_(dh, lora_a);
+        gemm_acc(dx, dz, router_weight);
+        gemm_acc(dx, dh, lora_a);
       } else {
-        dx.addmm_(d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
+        gemm_acc(dx, d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
       }
     }
     if (need_dwr && need_da) {
-      const at::Tensor grads = at::mm(d.t(), x);  // [dW_r; dA] = [dz | dh]^T x in ONE GEMM
+      const at::Tensor grads = gemm(d.t(), x);  // [dW_r; dA] = [dz | dh]^T x in ONE GEMM
       d_router = grads.narrow(0, 0, num_heads).clone();
       d_lora_a = grads.narrow(0, num_heads, rank).clone();
     } else if (need_dwr) {
-      d_router = at::mm(dz.t(), x);
+      d_router = gemm(dz.t(), x);
     } else if (need_da) {
-      d_lora_a = at::mm(dh.t(), x);
+      d_lora_a = gemm(dh.t(), x);
     }
   } else {
     at::Tensor xd;
     if (need_da) xd = at::empty({n, d_in}, x.options());
     if (need_dx) {
       dx = at::empty({n, d_in}, x.options());
-      at::mm_out(dx, dy, weight);
-      dx.addmm_(dz, router_weight);
-      const at::Tensor t = at::mm(dh, lora_a);  // (N, d_in); masked and scaled while it is added
+      gemm_out(dx, dy, weight);
+      gemm_acc(dx, dz, router_weight);
+      const at::Tensor t = gemm(dh, lora_a);  // (N, d_in); masked and scaled while it is added
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ilora_dx_dropout_cpu", [&] {
         if (need_da) {
           dropout_rows_and_add_masked<scalar_t>(x, xd, dx, t, seed, dropout_p);  // one mask pass for both
@@ -323,8 +365,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ilora_dropout_cpu",
                                       [&] { dropout_rows<scalar_t>(x, xd, seed, dropout_p); });
     }
-    if (need_dwr) d_router = at::mm(dz.t(), x);
-    if (need_da) d_lora_a = at::mm(dh.t(), xd);
+    if (need_dwr) d_router = gemm(dz.t(), x);
+    if (need_da) d_lora_a = gemm(dh.t(), xd);
   }
   return {dx, d_router, d_lora_a, d_lora_b};
 }
