@@ -9,7 +9,7 @@ def report() -> str:
     import torch
 
     from . import __version__, _extension
-    from .functional import available_backends
+    from .functional import available_backends, resolve_backend
 
     lines = [f"ilora_kernels {__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
@@ -29,6 +29,14 @@ def report() -> str:
     lines.append("backends:")
     for name, reason in available_backends().items():
         lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    lines.append('backend="auto" picks:')
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        picks = []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            probe = torch.empty(0, dtype=dtype, device=device)
+            picks.append(f"{str(dtype).split('.')[1]} -> {resolve_backend('auto', probe)}")
+        lines.append(f"  {device:<10} {', '.join(picks)}")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ $PY -m ilora_kernels.env 2>&1 | tee "$LOG_DIR/env.txt"
 
 stage "GPU tests"
 timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_backend.py tests/test_triton_backend.py \
-  tests/test_reference.py -x --timeout=120 -rs 2>&1 | tee "$LOG_DIR/gpu-tests.log" | tail -n 25
+  tests/test_reference.py --maxfail=20 --timeout=120 -rs 2>&1 | tee "$LOG_DIR/gpu-tests.log" | tail -n 25
 TEST_RC=${PIPESTATUS[0]}
 
 stage "GPU benchmark suite"
