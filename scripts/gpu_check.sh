@@ -4,7 +4,8 @@
 #   2. runs the GPU tests (CUDA and Triton backends, bf16 included, against float64 references),
 #   3. runs the GPU benchmark suite (writes benchmarks/results/<device>-<date>.{csv,md,png}),
 #   4. prints a short table last.
-# Budget: about 8 minutes on an H100. Each stage has its own time limit so a slow stage cannot eat the rest.
+# Budget: about 5 minutes on an H100, at most 560 s (a 600 s device call): build <= 200 s (both build routes
+# together), tests <= 130 s, benchmarks <= 220 s. Each stage has its own time limit so a slow stage cannot eat the rest.
 # Logs and results are copied to $OUT when that variable is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,15 +37,18 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 stage "build (CUDA extension, sm_90a/sm_80 from the visible GPU)"
 ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if (m, n) == (9, 0) else ''))")
 BUILD_OK=1
+BUILD_START=$(date +%s)
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} ILORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=${MAX_JOBS:-16} \
-  timeout 240 $PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$LOG_DIR/build.log" 2>&1 || BUILD_OK=0
+  timeout 170 $PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$LOG_DIR/build.log" 2>&1 || BUILD_OK=0
 tail -n 5 "$LOG_DIR/build.log"
 if [ "$BUILD_OK" = 0 ]; then
   # pip could not build (e.g. a setuptools too old for pyproject.toml): build the extension in place instead
   echo "pip install failed; building ilora_kernels/_C.so in place (scripts/build_inplace.py)"
   BUILD_OK=1
+  BUILD_LEFT=$(( BUILD_START + 200 - $(date +%s) ))
   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=${MAX_JOBS:-16} \
-    timeout 240 $PY scripts/build_inplace.py > "$LOG_DIR/build-inplace.log" 2>&1 || BUILD_OK=0
+    timeout $(( BUILD_LEFT > 10 ? BUILD_LEFT : 10 )) $PY scripts/build_inplace.py > "$LOG_DIR/build-inplace.log" 2>&1 \
+      || BUILD_OK=0
   tail -n 5 "$LOG_DIR/build-inplace.log"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -52,12 +56,12 @@ fi
 $PY -m ilora_kernels.env 2>&1 | tee "$LOG_DIR/env.txt"
 
 stage "GPU tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_backend.py tests/test_triton_backend.py \
+timeout 130 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_backend.py tests/test_triton_backend.py \
   tests/test_reference.py --maxfail=20 --timeout=120 -rs 2>&1 | tee "$LOG_DIR/gpu-tests.log" | tail -n 25
 TEST_RC=${PIPESTATUS[0]}
 
 stage "GPU benchmark suite"
-timeout 270 $PY -m benchmarks.run --suite gpu --out benchmarks/results 2> "$LOG_DIR/gpu-bench-progress.log" \
+timeout 220 $PY -m benchmarks.run --suite gpu --budget-s 150 --out benchmarks/results 2> "$LOG_DIR/gpu-bench-progress.log" \
   | tee "$LOG_DIR/gpu-bench.log" | tail -n 5
 BENCH_RC=${PIPESTATUS[0]}
 
