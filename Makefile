@@ -18,7 +18,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: demo demo-kernels test lint dist bench-cpu gpu-check env clean
+.PHONY: demo demo-kernels test lint dist bench-cpu gpu-check env sanitize clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ test: $(VENV)/.built
 	@if [ -n "$(CUDA_HOME)" ]; then bash scripts/check_cuda_sources.sh; fi
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+# the CUDA kernels' host emulation under ThreadSanitizer and AddressSanitizer (about 3 minutes)
+sanitize: $(VENV)/.built
+	bash scripts/sanitize_cuda_emulation.sh
 
 env: $(VENV)/.built
 	$(PY) -m ilora_kernels.env
