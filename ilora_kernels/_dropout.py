@@ -9,6 +9,14 @@ same mask from the same seed. The hash is murmur3's 32-bit finaliser; all arithm
     keep = (bits >> 8) >= threshold(p)            threshold(p) = floor(p * 2**24)
 
 Kept elements are scaled by 1 / (1 - p).
+
+Why not Philox (Triton's ``tl.rand``, cuRAND, torch's CUDA generator): a mask that the reference, the C++ CPU, the
+CUDA and the Triton backends reproduce bit for bit needs one generator written four times, and Philox-4x32-10 is
+ten rounds of 32x32 -> 64-bit multiplies per four values. One murmur3 finaliser per element is a few integer
+operations in every language involved, and the masks it gives pass the checks of tests/test_dropout_mask.py (keep
+rates per token and per feature, independence of neighbouring features, tokens and seeds, no short periods). Row
+keys are distinct within a mask (row * 0x9E3779B9 is a bijection mod 2**32, and so is fmix32); two masks drawn
+with different seeds share some row keys only at the 2**-32-per-pair rate of any 32-bit counter space.
 """
 
 from __future__ import annotations
