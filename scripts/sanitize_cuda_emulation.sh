@@ -3,7 +3,10 @@
 # In the emulation every CUDA thread is a host thread: a missing __syncwarp is a data race TSan reports, an
 # out-of-bounds index is a heap overflow ASan reports. Exit status 1 on any report or test failure. ~3 min on 2 cores.
 #
-#   [PYTHON=...] scripts/sanitize_cuda_emulation.sh        (GCC with libtsan / libasan; x86-64 Linux)
+#   [PYTHON=...] [SANITIZE_K="pytest -k expression"] scripts/sanitize_cuda_emulation.sh
+#
+# Needs GCC's libtsan / libasan (x86-64 Linux). Without them it says so and exits 0, or 1 when CI=true.
+# `make test` runs it on a subset (SANITIZE_K); `make sanitize` runs every emulation test.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,8 +17,13 @@ fi
 lib() { "${CXX:-g++}" -print-file-name="$1"; }
 TSAN_LIB="$(lib libtsan.so)" ASAN_LIB="$(lib libasan.so)" STDCXX_LIB="$(lib libstdc++.so)"
 for f in "$TSAN_LIB" "$ASAN_LIB"; do
-  [[ -e "$f" ]] || { echo "sanitize_cuda_emulation: $f not found (install the GCC sanitizer runtimes)" >&2; exit 1; }
+  if [[ "$f" != /* || ! -e "$f" ]]; then
+    echo "sanitize_cuda_emulation: skipped, no sanitizer runtime ($f; install GCC's libtsan and libasan)" >&2
+    case "${CI:-}" in 1|true|yes) exit 1 ;; *) exit 0 ;; esac
+  fi
 done
+SELECT=()
+[[ -n "${SANITIZE_K:-}" ]] && SELECT=(-k "$SANITIZE_K")
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 status=0
@@ -28,7 +36,7 @@ run() {  # name, compiler flags, preload, runtime options variable assignment
   [[ -e "$WORK/$name/ilora_cuda_emulation.so" ]] || { echo "FAIL $name: the build failed"; status=1; return; }
   # step 2 runs every emulation test with the runtime preloaded; -s so that a report reaches the log
   env LD_PRELOAD="$preload" "$opts" "$PY" -m pytest -q -s -p no:cacheprovider tests/test_cuda_emulation.py \
-    >"$WORK/$name.log" 2>&1
+    "${SELECT[@]}" >"$WORK/$name.log" 2>&1
   local rc=$?
   if [[ $rc -ne 0 ]] || grep -q "Sanitizer" "$WORK/$name.log"; then
     echo "FAIL $name (pytest exit $rc):"
