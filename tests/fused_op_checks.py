@@ -229,3 +229,51 @@ def check_dropout_mask_is_the_shared_hash(ops):
         want = expected(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
         outs = ops.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 1.0, p, seed, [True] * 4)
         assert rel_err(outs[0], want[0]) < 1e-10 and rel_err(outs[2], want[4]) < 1e-10
+
+
+def check_outputs_fully_written(ops, n, device="cpu"):
+    """Outputs come from fresh allocations: pre-fill the allocator's memory with NaN and check nothing leaks."""
+    d_in, d_out, heads, rank = 33, 65, 3, 16
+    inputs = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float32)
+    x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
+    for p in (0.0, 0.3):
+        for top_k in (0, 1):
+            poison = [torch.full((s,), float("nan"), device=device)
+                      for s in (n * d_out, n * rank, n * heads, n * d_in, n * 64)]
+            del poison
+            y, h, g = ops.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 5, top_k)
+            poison = [torch.full((s,), float("nan"), device=device)
+                      for s in (n * d_in, heads * d_in, rank * d_in, n * 64)]
+            del poison
+            outs = ops.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 5, [True] * 4)
+            for t in (y, h, g) + tuple(outs):
+                assert torch.isfinite(t).all()
+            if top_k:
+                assert ((g > 0).sum(dim=1) == 1).all()
+            torch.testing.assert_close(g.sum(dim=1), torch.ones(n, device=device), rtol=0, atol=1e-6)
+
+
+def check_zero_tokens(ops, p, device="cpu"):
+    """N = 0: empty y, h, g and dx; zero (not garbage) weight gradients."""
+    inputs = make_inputs(0, 5, 3, 3, 2, "random", torch.float32)
+    x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
+    y, h, g = ops.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 0, 0)
+    assert y.shape == (0, 3) and h.shape == (0, 2) and g.shape == (0, 3)
+    outs = ops.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 0, [True] * 4)
+    assert outs[0].shape == (0, 5)
+    for t, shape in zip(outs[1:], [(3, 5), (2, 5), (3, 3, 2)]):
+        assert t.shape == shape and torch.count_nonzero(t) == 0
+
+
+def check_opcheck(ops, dtype, p, device="cpu"):
+    """torch.library.opcheck on the forward (with and without bias, dense and top-k) and two backward masks."""
+    inputs = make_inputs(7, 17, 19, 3, 4, "random", dtype)
+    x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
+    x, router, lora_a, lora_b = (v.requires_grad_() for v in (x, router, lora_a, lora_b))
+    torch.library.opcheck(ops.fused_forward.default, (x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0))
+    torch.library.opcheck(ops.fused_forward.default, (x, weight, None, router, lora_a, lora_b, 2.0, p, 11, 2))
+    with torch.no_grad():
+        _, h, g = ops.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0)
+    args = [v.detach() for v in (dy, x, weight, router, lora_a, lora_b, h, g)]
+    torch.library.opcheck(ops.fused_backward.default, (*args, 2.0, p, 11, [True, True, True, True]))
+    torch.library.opcheck(ops.fused_backward.default, (*args, 2.0, p, 11, [False, True, False, True]))

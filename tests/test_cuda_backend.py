@@ -15,6 +15,9 @@ from fused_op_checks import (
     case_id,
     check_every_output_mask,
     check_non_contiguous_inputs,
+    check_opcheck,
+    check_outputs_fully_written,
+    check_zero_tokens,
     expected,
     make_inputs,
     rel_err,
@@ -153,45 +156,18 @@ def test_large_bf16_shape():
 
 
 def test_outputs_fully_written():
-    n, d_in, d_out, heads, rank = 1025, 33, 65, 3, 16
-    x, weight, b, router, lora_a, lora_b, dy = cuda_inputs(n, d_in, d_out, heads, rank, "random", torch.float32)
-    for p in (0.0, 0.3):
-        for top_k in (0, 1):
-            poison = [torch.full((s,), float("nan"), device="cuda") for s in
-                      (n * d_out, n * rank, n * heads, n * d_in, n * 64)]
-            del poison
-            y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 5, top_k)
-            poison = [torch.full((s,), float("nan"), device="cuda") for s in
-                      (n * d_in, heads * d_in, rank * d_in, n * 64)]
-            del poison
-            outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 5, [True] * 4)
-            for t in (y, h, g) + tuple(outs):
-                assert torch.isfinite(t).all()
-            torch.testing.assert_close(g.sum(dim=1), torch.ones(n, device="cuda"), rtol=0, atol=1e-6)
+    check_outputs_fully_written(OPS, 1025, device="cuda")
 
 
-def test_zero_tokens():
-    x, weight, b, router, lora_a, lora_b, dy = cuda_inputs(0, 5, 3, 3, 2, "random", torch.float32)
-    y, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.3, 0, 0)
-    assert y.shape == (0, 3) and h.shape == (0, 2) and g.shape == (0, 3)
-    outs = OPS.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, 0.3, 0, [True] * 4)
-    assert outs[0].shape == (0, 5)
-    for t, shape in zip(outs[1:], [(3, 5), (2, 5), (3, 3, 2)]):
-        assert t.shape == shape and torch.count_nonzero(t) == 0
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_zero_tokens(p):
+    check_zero_tokens(OPS, p, device="cuda")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 def test_opcheck(p, dtype):
-    x, weight, b, router, lora_a, lora_b, dy = cuda_inputs(7, 17, 19, 3, 4, "random", dtype)
-    x, router, lora_a, lora_b = (v.requires_grad_() for v in (x, router, lora_a, lora_b))
-    torch.library.opcheck(OPS.fused_forward.default, (x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0))
-    torch.library.opcheck(OPS.fused_forward.default, (x, weight, None, router, lora_a, lora_b, 2.0, p, 11, 2))
-    with torch.no_grad():
-        _, h, g = OPS.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0)
-    args = [v.detach() for v in (dy, x, weight, router, lora_a, lora_b, h, g)]
-    torch.library.opcheck(OPS.fused_backward.default, (*args, 2.0, p, 11, [True, True, True, True]))
-    torch.library.opcheck(OPS.fused_backward.default, (*args, 2.0, p, 11, [False, True, False, True]))
+    check_opcheck(OPS, dtype, p, device="cuda")
 
 
 @pytest.mark.parametrize("which, needle", [(1, "weight"), (2, "bias"), (3, "router_weight"), (4, "lora_a"),

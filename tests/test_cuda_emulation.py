@@ -29,6 +29,8 @@ from fused_op_checks import (
     check_dropout_mask_is_the_shared_hash,
     check_every_output_mask,
     check_non_contiguous_inputs,
+    check_outputs_fully_written,
+    check_zero_tokens,
     expected,
     make_inputs,
     rel_err,
@@ -113,6 +115,15 @@ def test_non_contiguous_inputs(emu, p):
 
 def test_dropout_mask_is_the_shared_hash(emu):
     check_dropout_mask_is_the_shared_hash(emu)
+
+
+def test_outputs_fully_written(emu):
+    check_outputs_fully_written(emu, 257)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_zero_tokens(emu, p):
+    check_zero_tokens(emu, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
