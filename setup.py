@@ -1,13 +1,9 @@
 """Builds ilora_kernels and its optional compiled extension ``ilora_kernels._C``.
 
 Install torch first, then ``pip install --no-build-isolation -e .`` so the extension is compiled against the
-torch you run (build isolation would download another torch). Switches (environment variables):
-
-  ILORA_SKIP_EXTENSION=1   pure-Python install: no C++ build; the cpu/cuda backends fall back to reference
-  ILORA_FORCE_CUDA=1       build the CUDA kernels even when no GPU is visible (needs CUDA_HOME and a CUDA torch)
-  ILORA_SKIP_CUDA=1        build only the C++ CPU kernels
-  TORCH_CUDA_ARCH_LIST     CUDA archs, e.g. "8.0;9.0a" (default: the visible GPU, else "8.0;9.0a")
-  MAX_JOBS                 parallel compile jobs (ninja)
+torch you run (build isolation would download another torch). Switches (environment variables, described in the
+table of docs/api.md, "Environment variables"): ILORA_SKIP_EXTENSION, ILORA_FORCE_CUDA, ILORA_SKIP_CUDA,
+TORCH_CUDA_ARCH_LIST (default: the visible GPU, else "8.0;9.0a"), MAX_JOBS.
 """
 
 import os

@@ -6,8 +6,8 @@
                  in a Python loop with plain autograd (A is re-applied inside the loop, and K full-size (N, d_out)
                  temporaries are kept for backward).
 * ``peft``       PEFT's own LoRA layer (the real ``peft`` package), K = 1, same rank, same base weight, lora_B random.
-* ours           ``ilora_kernels.ilora_linear(..., backend=name)`` for "reference", "cpu", "cuda", and "triton" twice:
-                 ``triton-fused`` / ``triton-cublas`` (environment variable ``ILORA_TRITON_BASE_GEMM``, read per call).
+* ours           ``ilora_kernels.ilora_linear(..., backend=name)`` for every backend of the registry, and "triton"
+                 twice more: ``triton-fused`` / ``triton-cublas`` (the ``ILORA_TRITON_BASE_GEMM`` setting).
 
 Every trainable parameter is random (never zero), x requires grad (dx is computed), the base weight is frozen.
 Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` accumulation kernels in the timings).
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ilora_kernels import settings
+from ilora_kernels.ops.registry import BACKEND_TABLE, BACKENDS, resolve_backend
 
 # ---------------------------------------------------------------------------------------------------------------
 # cases and FLOP accounting
@@ -274,8 +276,10 @@ def _peft(inp: Inputs, case: Case) -> Runner:
                   note=f"peft {peft.__version__}, K=1", keep=[model])
 
 
-_OURS = {"reference": ("reference", None), "cpu": ("cpu", None), "cuda": ("cuda", None),
-         "triton": ("triton", None), "triton-fused": ("triton", "fused"), "triton-cublas": ("triton", "cublas")}
+BACKEND_ROWS = {row.name: row for row in BACKEND_TABLE}
+# every backend of the registry under its own name, and the Triton backend once per base-GEMM mode
+_OURS = {**{name: (name, None) for name in BACKENDS}, "triton-fused": ("triton", "fused"),
+         "triton-cublas": ("triton", "cublas")}
 
 
 def _ours(name: str):
@@ -284,13 +288,14 @@ def _ours(name: str):
     def build(inp: Inputs, case: Case) -> Runner:
         import ilora_kernels as ik
 
-        reason = ik.available_backends().get(backend, "unknown backend")
-        if reason is not None:
-            raise Unavailable(reason)
-        if backend in ("cuda", "triton") and inp.x.device.type != "cuda":
-            raise Unavailable(f"backend {backend!r} needs CUDA tensors; this suite runs on {inp.x.device.type}")
-        if backend == "cpu" and inp.x.device.type != "cpu":
-            raise Unavailable("backend 'cpu' needs CPU tensors")
+        try:   # availability, dtype and device, with the registry's reason
+            resolve_backend(backend, inp.x)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise Unavailable(str(exc)) from None
+        meant_for = BACKEND_ROWS[backend].auto_on    # e.g. no Triton interpreter runs in a benchmark
+        if meant_for is not None and inp.x.device.type not in meant_for:
+            raise Unavailable(f"backend {backend!r} is benchmarked on {' or '.join(meant_for)} tensors; this suite "
+                              f"runs on {inp.x.device.type}")
         x, w, b, wr, a, bb, s = inp.x, inp.weight, inp.bias, inp.router_weight, inp.lora_a, inp.lora_b, inp.scaling
 
         if base_gemm is None:
@@ -298,8 +303,8 @@ def _ours(name: str):
                 return ik.ilora_linear(x, w, b, wr, a, bb, s, backend=backend)
         else:
             def fwd():
-                os.environ["ILORA_TRITON_BASE_GEMM"] = base_gemm  # read by the Triton backend at call time
-                return ik.ilora_linear(x, w, b, wr, a, bb, s, backend=backend)
+                with settings.override(triton_base_gemm=base_gemm):   # read by the Triton backend at call time
+                    return ik.ilora_linear(x, w, b, wr, a, bb, s, backend=backend)
 
         return Runner(fwd=fwd, grad_inputs=[x, wr, a, bb], params=[w, wr, a, bb] + ([b] if b is not None else []),
                       dy=inp.dy, note=f"ILORA_TRITON_BASE_GEMM={base_gemm}" if base_gemm else "")

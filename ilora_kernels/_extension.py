@@ -44,10 +44,6 @@ def load() -> bool:
     return True
 
 
-def available() -> bool:
-    return load()
-
-
 def cuda_built() -> bool:
     return load() and _cuda_built
 

@@ -1,4 +1,5 @@
-"""Input checks shared by every backend: errors name the offending tensor and both shapes."""
+"""Input checks: the tensors of every ``ilora_linear`` call (errors name the offending tensor and both shapes), and
+the I-LoRA hyperparameters of every config and module."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from typing import Optional
 
 import torch
+
+from .ops.registry import BACKENDS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -85,3 +88,46 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
         raise ValueError(f"top_k must be None or an int in [1, K = {num_heads}] (router_weight shape "
                          f"{_shape(router_weight)}), got {top_k!r}")
     return 0 if top_k == num_heads else top_k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hyperparameters: the one validator of ILoRAConfig, ILoRALinear, ILoRAPeftConfig and the trainer's config
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_hyperparameters(*, r, num_heads, alpha, dropout, top_k=None, backend="auto", prefix="", names=None,
+                             none_word="None", error=ValueError) -> None:
+    """Checks one set of I-LoRA hyperparameters: r and num_heads positive ints, alpha a finite number, dropout in
+    [0, 1), top_k None or an int in [1, num_heads], backend "auto" or a registered backend name. Bools are refused
+    where numbers are expected.
+
+    Messages name the argument as the caller's user wrote it: ``prefix`` + ``names.get(argument, argument)``
+    (``prefix="ILoRAPeftConfig.", names={"num_heads": "ilora_num_heads"}``); ``none_word`` spells None (``null``
+    for YAML configs); ``error`` is the exception class raised (``ValueError`` or a subclass)."""
+    names = dict(names or {})
+
+    def name(arg: str) -> str:
+        return prefix + names.get(arg, arg)
+
+    for arg, value in (("r", r), ("num_heads", num_heads)):
+        if not _is_int(value) or value <= 0:
+            raise error(f"{name(arg)} must be a positive int, got {value!r}")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise error(f"{name('alpha')} must be a finite number, got {alpha!r}")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise error(f"{name('dropout')} must be in [0, 1), got {dropout!r}")
+    if top_k is not None:
+        if not _is_int(top_k):
+            raise error(f"{name('top_k')} must be {none_word} or an int, got {top_k!r}")
+        if not 1 <= top_k <= num_heads:
+            raise error(f"{name('top_k')} must be {none_word} or in [1, {name('num_heads')}={num_heads}], "
+                        f"got {top_k!r}")
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise error(f"{name('backend')} must be one of {('auto',) + BACKENDS}, got {backend!r}")

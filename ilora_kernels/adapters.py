@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -50,48 +50,28 @@ def _sha256(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def _write_weights(tensors: Dict[str, torch.Tensor], path: str) -> None:
+def _write_weights(tensors: Mapping[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_file(dict(tensors), path, metadata={"format": "pt", "ilora_kernels_version": __version__})
 
 
-def _write_config(meta: dict, path: str) -> None:
+def _write_config(meta: Mapping, path: str) -> None:
     Path(path).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same folder and renames it, so a crash never leaves half a file."""
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_adapter(path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
+    """Writes one adapter folder: ``adapter_model.safetensors`` (``tensors``, stored contiguous on the CPU) and
+    ``adapter_config.json`` (``meta`` plus ``"weights_sha256"``, the checksum of the weights file). The one writer of
+    adapter files: ``save_ilora``, the trainer's checkpoints and ``peft_integration.save_as_peft`` all write through it.
 
-
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``{"<module>.router_weight" | ".lora_a" | ".lora_b": tensor}`` for every I-LoRA layer."""
-    return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in ilora_layers(model).items()
-            for p in _PARAM_NAMES}
-
-
-def save_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path``."""
-    layers = ilora_layers(model)
-    if not layers:
-        raise ValueError(f"save_ilora: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
-    config = get_ilora_config(model)
+    Both files are written in full to temporary files in the folder first and only then renamed over the old ones,
+    so a crash while writing leaves the previous adapter intact (and no temporary file, unless the process is
+    killed). A crash between the two renames (new weights beside the old config) is refused at load time by the
+    checksum (``check_weights``) instead of silently mixing two saves. Returns the folder."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": "ilora", "ilora_kernels_version": __version__, **config.to_dict(), "modules": sorted(layers)}
-    # Both files are written in full to temporary files first and only then renamed over the old ones, so a crash
-    # while writing leaves the previous adapter intact (and no temporary file, unless the process is killed). The
-    # config records the weights' sha256: a crash between the two renames (new weights, old config) is refused at
-    # load time instead of silently mixing two saves.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(meta)
     weights_tmp = config_tmp = None
     try:
         weights_tmp = _temp_path(folder, WEIGHTS_NAME)
@@ -111,6 +91,46 @@ def save_ilora(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     return folder
+
+
+def check_weights(folder: Path, meta: Mapping, reader: str, writer: str) -> None:
+    """Refuses a weights file that does not match the ``weights_sha256`` its config records (a folder that mixes
+    two saves, or a modified file); configs written before checksums (no key) pass."""
+    expected_sha = meta.get("weights_sha256")
+    if expected_sha is None:
+        return
+    actual_sha = _sha256(folder / WEIGHTS_NAME)
+    if actual_sha != expected_sha:
+        raise ValueError(f"{reader}: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME} "
+                         f"(weights_sha256 {str(expected_sha)[:12]}... expected, {actual_sha[:12]}... found): the "
+                         f"folder mixes two saves (an interrupted {writer}?) or the weights file was modified")
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{"<module>.router_weight" | ".lora_a" | ".lora_b": tensor}`` for every I-LoRA layer."""
+    return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in ilora_layers(model).items()
+            for p in _PARAM_NAMES}
+
+
+def save_ilora(model: nn.Module, path: Union[str, os.PathLike],
+               tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` (atomically, with
+    the weights' checksum: see ``write_adapter``). ``tensors``: the adapter tensors to write instead of the model's
+    own, keyed like ``adapter_state_dict`` (e.g. gathered from FSDP shards); every key must be there."""
+    layers = ilora_layers(model)
+    if not layers:
+        raise ValueError(f"save_ilora: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
+    config = get_ilora_config(model)
+    if tensors is None:
+        tensors = adapter_state_dict(model)
+    else:
+        wanted = {f"{name}.{p}" for name in layers for p in _PARAM_NAMES}
+        missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+        if missing or extra:
+            raise KeyError(f"save_ilora: the tensors given do not match the model's I-LoRA layers: missing "
+                           f"{missing[:3]}, unexpected {extra[:3]}")
+    meta = {"format": "ilora", "ilora_kernels_version": __version__, **config.to_dict(), "modules": sorted(layers)}
+    return write_adapter(path, tensors, meta)
 
 
 def _read_config(folder: Path) -> dict:
@@ -169,24 +189,14 @@ def _load_into_patched(model: nn.Module, folder: Path, meta: dict, saved: ILoRAC
         raise ValueError(f"load_ilora: the adapter in {folder} targets {saved.target_modules!r} but the model was "
                          f"patched for {current.target_modules!r}")
 
-    def verify_checksum():
-        # after the key / dtype / shape checks, which name what is wrong more precisely
-        expected_sha = meta.get("weights_sha256")
-        if expected_sha is None:       # written before checksums (ilora_kernels < this version)
-            return
-        actual_sha = _sha256(folder / WEIGHTS_NAME)
-        if actual_sha != expected_sha:
-            raise ValueError(f"load_ilora: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME} "
-                             f"(weights_sha256 {expected_sha[:12]}... expected, {actual_sha[:12]}... found): the "
-                             f"folder mixes two saves (an interrupted save_ilora?) or the weights file was modified")
-
     try:
         tensors = load_file(folder / WEIGHTS_NAME)
     except FileNotFoundError:
         raise FileNotFoundError(f"load_ilora: {folder / WEIGHTS_NAME} does not exist") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"load_ilora: {folder / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from None
-    _copy_into_layers(model, tensors, source=str(folder / WEIGHTS_NAME), before_copy=verify_checksum)
+    _copy_into_layers(model, tensors, source=str(folder / WEIGHTS_NAME),
+                      before_copy=lambda: check_weights(folder, meta, "load_ilora", "save_ilora"))
 
 
 def _copy_into_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
+
+from ._validation import validate_hyperparameters
 
 CRAB_PLUS_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,18 +24,8 @@ class ILoRAConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"ILoRAConfig.r must be a positive int, got {self.r!r}")
-        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads <= 0:
-            raise ValueError(f"ILoRAConfig.num_heads must be a positive int, got {self.num_heads!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"ILoRAConfig.alpha must be a finite number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"ILoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or not (1 <= self.top_k <= self.num_heads)):
-            raise ValueError(f"ILoRAConfig.top_k must be None or an int in [1, num_heads={self.num_heads}], "
-                             f"got {self.top_k!r}")
+        validate_hyperparameters(r=self.r, num_heads=self.num_heads, alpha=self.alpha, dropout=self.dropout,
+                                 top_k=self.top_k, backend=self.backend, prefix="ILoRAConfig.")
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("ILoRAConfig.target_modules must not be empty")

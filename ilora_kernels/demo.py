@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     import ilora_kernels as ik
-    from ilora_kernels.functional import resolve_backend
+    from ilora_kernels.ops.registry import resolve_backend
 
     torch.manual_seed(args.seed)
     vocab = 128

@@ -1,4 +1,5 @@
-"""Environment report: ``python -m ilora_kernels.env`` prints versions and which backends work, and why not."""
+"""Environment report: ``python -m ilora_kernels.env`` prints versions, which backends work (and why not), what
+``backend="auto"`` picks, and the ``ILORA_*`` settings in force."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import platform
 def report() -> str:
     import torch
 
-    from . import __version__, _extension
-    from .functional import available_backends, resolve_backend
+    from . import __version__, _extension, settings
+    from .ops.registry import available_backends, resolve_backend
 
     lines = [f"ilora_kernels {__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
@@ -37,6 +38,8 @@ def report() -> str:
             probe = torch.empty(0, dtype=dtype, device=device)
             picks.append(f"{str(dtype).split('.')[1]} -> {resolve_backend('auto', probe)}")
         lines.append(f"  {device:<10} {', '.join(picks)}")
+    lines.append("settings:")
+    lines.extend(f"  {line}" for line in settings.describe())
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .functional import BACKENDS, ilora_linear
+from ._validation import validate_hyperparameters
+from .functional import ilora_linear
+from .ops.contract import router_dtype
 
 
 class ILoRALinear(nn.Module):
@@ -31,19 +33,7 @@ class ILoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_linear, nn.Linear):
             raise TypeError(f"ILoRALinear wraps an nn.Linear, got {type(base_linear).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or not (1 <= top_k <= num_heads)):
-            raise ValueError(f"top_k must be None or an int in [1, num_heads={num_heads}], got {top_k!r}")
-        if backend not in BACKENDS + ("auto",):
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        validate_hyperparameters(r=r, num_heads=num_heads, alpha=alpha, dropout=dropout, top_k=top_k, backend=backend)
         self.base_layer = base_linear
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -78,8 +68,7 @@ class ILoRALinear(nn.Module):
         if self.disable_adapter:
             y = self.base_layer(x)
             if return_router_weights:
-                return y, x.new_zeros(*x.shape[:-1], self.num_heads,
-                                   dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+                return y, x.new_zeros(*x.shape[:-1], self.num_heads, dtype=router_dtype(x.dtype))
             return y
         return ilora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight, self.lora_a,
                             self.lora_b, self.scaling, dropout_p=self.dropout, training=self.training,

@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import settings
+
 SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # [lower, upper): the custom-module and update_layer(config=...) API we use
 _OVERRIDE_ENV = "ILORA_ALLOW_UNTESTED_PEFT"
 
@@ -62,7 +64,7 @@ def check_peft_version(version: Optional[str] = None) -> str:
         version = peft.__version__
     low, high = SUPPORTED_PEFT
     if not (_version_tuple(low) <= _version_tuple(version) < _version_tuple(high)):
-        if os.environ.get(_OVERRIDE_ENV, "").strip() in ("1", "true", "yes"):
+        if settings.get().allow_untested_peft:
             return version
         raise ImportError(f"ilora_kernels.peft_integration supports peft>={low},<{high} (it builds on PEFT's "
                           f"experimental custom-module API, which changes between releases); peft {version} is "
@@ -76,10 +78,17 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import set_peft_model_state_dict  # noqa: E402
 
-from ._version import __version__  # noqa: E402
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, export_crab_state_dict, load_crab_state_dict  # noqa: E402
+from ._validation import validate_hyperparameters  # noqa: E402
+from .adapters import (  # noqa: E402
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_weights,
+    export_crab_state_dict,
+    load_crab_state_dict,
+    write_adapter,
+)
 from .config import ILoRAConfig  # noqa: E402
-from .functional import BACKENDS, ilora_linear  # noqa: E402
+from .functional import ilora_linear  # noqa: E402
 from .ops.reference import concat_heads, routed_activations, router_probabilities  # noqa: E402
 from .patching import apply_ilora, get_ilora_config, ilora_layers  # noqa: E402
 
@@ -88,6 +97,9 @@ __all__ = ["ILoRAPeftConfig", "ILoRAPeftLinear", "PEFT_VERSION", "SUPPORTED_PEFT
            "peft_config_from_ilora", "save_as_peft"]
 
 _PEFT_PREFIX = "base_model.model."
+# the hyperparameters under their LoraConfig / ILoRAPeftConfig field names
+_PEFT_FIELD_NAMES = {"num_heads": "ilora_num_heads", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                     "top_k": "ilora_top_k", "backend": "ilora_backend"}
 
 
 @dataclass
@@ -106,15 +118,9 @@ class ILoRAPeftConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        k = self.ilora_num_heads
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"ILoRAPeftConfig.ilora_num_heads must be a positive int, got {k!r}")
-        top = self.ilora_top_k
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= k):
-            raise ValueError(f"ILoRAPeftConfig.ilora_top_k must be None or in [1, {k}], got {top!r}")
-        if self.ilora_backend not in BACKENDS + ("auto",):
-            raise ValueError(f"ILoRAPeftConfig.ilora_backend must be one of {('auto',) + BACKENDS}, "
-                             f"got {self.ilora_backend!r}")
+        validate_hyperparameters(r=self.r, num_heads=self.ilora_num_heads, alpha=self.lora_alpha,
+                                 dropout=self.lora_dropout, top_k=self.ilora_top_k, backend=self.ilora_backend,
+                                 prefix="ILoRAPeftConfig.", names=_PEFT_FIELD_NAMES)
         unsupported = {"use_dora": self.use_dora, "use_rslora": self.use_rslora, "lora_bias": self.lora_bias,
                        "fan_in_fan_out": self.fan_in_fan_out}
         bad = sorted(name for name, value in unsupported.items() if value)
@@ -124,8 +130,6 @@ class ILoRAPeftConfig(LoraConfig):
             raise ValueError("ILoRAPeftConfig supports init_lora_weights=True (Crab+ init: A and the router "
                              "kaiming-uniform, every B_k zero) or False (B_k random too), got "
                              f"{self.init_lora_weights!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"ILoRAPeftConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self._register_custom_module({nn.Linear: ILoRAPeftLinear})
 
 
@@ -310,12 +314,15 @@ def load_peft_config(path: Union[str, os.PathLike]) -> ILoRAPeftConfig:
     return ILoRAPeftConfig(**kwargs)
 
 
-def _load_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
+def _load_safetensors(folder: Path, reader: str) -> Dict[str, torch.Tensor]:
+    """The weights file of an adapter folder, after its checksum check (``adapters.check_weights``)."""
     from safetensors.torch import load_file
 
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    meta = _read_json(folder)
+    check_weights(folder, meta, reader, "save_ilora" if meta.get("format") == "ilora" else "save_as_peft")
     return load_file(path)
 
 
@@ -338,16 +345,12 @@ def _ilora_to_crab(tensors: Dict[str, torch.Tensor], prefix: str = _PEFT_PREFIX)
 
 def save_as_peft(model: nn.Module, path: Union[str, os.PathLike], **lora_kwargs: Any) -> Path:
     """Writes the I-LoRA adapter of a model patched by ``apply_ilora`` as a PEFT adapter folder
-    (``adapter_config.json`` of an ``ILoRAPeftConfig`` + ``adapter_model.safetensors`` in the Crab/PEFT layout)."""
-    from safetensors.torch import save_file
-
+    (``adapter_config.json`` of an ``ILoRAPeftConfig`` + ``adapter_model.safetensors`` in the Crab/PEFT layout),
+    atomically and checksummed (``adapters.write_adapter``)."""
     config = peft_config_from_ilora(get_ilora_config(model), **lora_kwargs)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
-    tensors = {k: v.contiguous().cpu() for k, v in export_crab_state_dict(model, prefix=_PEFT_PREFIX).items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "ilora_kernels_version": __version__})
-    return folder
+    meta = {key: sorted(value) if isinstance(value, set) else value
+            for key, value in sorted(config.to_dict().items())}      # as PeftConfig.save_pretrained writes it
+    return write_adapter(path, export_crab_state_dict(model, prefix=_PEFT_PREFIX), meta)
 
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
@@ -362,7 +365,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
         if getattr(current, name) != getattr(saved, name):
             raise ValueError(f"load_peft_adapter: the adapter in {folder} has {name}={getattr(saved, name)} but the "
                              f"model's I-LoRA layers have {name}={getattr(current, name)}")
-    loaded = load_crab_state_dict(model, _load_safetensors(folder))
+    loaded = load_crab_state_dict(model, _load_safetensors(folder, "load_peft_adapter"))
     missing = sorted(set(ilora_layers(model)) - set(loaded))
     if missing:
         raise KeyError(f"load_peft_adapter: {folder / WEIGHTS_NAME} has no weights for {len(missing)} I-LoRA "
@@ -382,7 +385,7 @@ def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
                                          config=config, **kwargs)
     config.inference_mode = not is_trainable
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    state = _ilora_to_crab(_load_safetensors(folder))
+    state = _ilora_to_crab(_load_safetensors(folder, "from_pretrained"))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if adapter_name in k.split(".")]

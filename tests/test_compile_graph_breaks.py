@@ -6,7 +6,8 @@ import torch
 import torch._dynamo.testing
 
 import ilora_kernels as ik
-from ilora_kernels import functional
+from ilora_kernels import settings
+from ilora_kernels.ops import registry
 from tiny_models import pattern_batch, tiny_llama
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if ik.available_backends()[b] is None]
@@ -54,7 +55,7 @@ def test_patched_tiny_model_has_no_graph_break_in_ilora_layers(train):
 def test_explain_before_any_eager_call_has_no_break():
     """The first trace may have to import the compiled extension: that happens at trace time, not in the graph."""
     torch._dynamo.reset()
-    functional._resolved.clear()
+    registry._resolved.clear()
 
     def f(x, w, wr, a, b):
         return ik.ilora_linear(x, w, None, wr, a, b, 2.0, dropout_p=0.2, training=True)
@@ -174,7 +175,7 @@ def test_seeded_ops_pass_opcheck_and_match_the_backend_op(backend):
     seed = torch.tensor([987654], dtype=torch.int64)
     torch.library.opcheck(torch.ops.ilora_kernels.seeded_forward, (*args, 2.0, 0.25, seed, 0, backend))
     y, h, g = torch.ops.ilora_kernels.seeded_forward(*args, 2.0, 0.25, seed, 0, backend)
-    forward_op = functional._forward_ops[backend]
+    forward_op = registry.backend_ops(backend).forward
     y2, h2, g2 = forward_op(*args, 2.0, 0.25, 987654, 0)
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
     grads = torch.autograd.grad(y.square().sum(), [args[0], args[3], args[4], args[5]])
@@ -199,7 +200,7 @@ def test_eager_fast_path_matches_registered_autograd(monkeypatch):
                 layer.lora_b.grad.clone()]
 
     fast = run()
-    monkeypatch.setattr(functional, "_DISABLE_FAST", True)
-    slow = run()
+    with settings.override(eager_fast_path=False):
+        slow = run()
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -124,7 +124,7 @@ def test_dropout_mask_identical_across_backends(backend, dtype, seed, p):
 
 @pytest.mark.skipif(AVAILABLE["triton"] is not None, reason=f"triton: {AVAILABLE['triton']}")
 @pytest.mark.parametrize("how", ["env", "torch"])
-def test_triton_deterministic_mode_bypasses_the_autotuner(how, monkeypatch):
+def test_triton_deterministic_mode_bypasses_the_autotuner(how, monkeypatch, ilora_env):
     from ilora_kernels.ops import triton_ilora
 
     class Tuner:     # stands in for the autotuned kernel (on a GPU): records that it was used
@@ -137,13 +137,12 @@ def test_triton_deterministic_mode_bypasses_the_autotuner(how, monkeypatch):
             return launch
 
     monkeypatch.setattr(triton_ilora, "_base_expand_tuned", Tuner())
-    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", "fused")
+    ilora_env(ILORA_TRITON_BASE_GEMM="fused", ILORA_DETERMINISTIC=None)
     tensors = [t.to(_device("triton")) for t in _problem(torch.float32, n=9, d_in=16, d_out=8, r=4, k=2)]
-    monkeypatch.delenv("ILORA_DETERMINISTIC", raising=False)
     with pytest.raises(RuntimeError, match="autotuned kernel launched"):
         functional.ilora_linear(*tensors, 1.0, backend="triton")
     if how == "env":
-        monkeypatch.setenv("ILORA_DETERMINISTIC", "1")
+        ilora_env(ILORA_DETERMINISTIC="1")
         assert triton_ilora.deterministic_mode()
         y = functional.ilora_linear(*tensors, 1.0, backend="triton")
     else:

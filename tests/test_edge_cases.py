@@ -20,6 +20,7 @@ from conftest import HAS_CUDA
 from ilora_float64 import ilora_float64
 from ilora_kernels import functional
 from ilora_kernels.functional import ilora_linear
+from ilora_kernels.ops import registry
 
 AVAILABLE = functional.available_backends()
 CPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(AVAILABLE[b] is not None, reason=f"{b}: {AVAILABLE[b]}"))
@@ -332,7 +333,7 @@ def test_strided_offsets_beyond_int32(backend):
     y_near, g_near = _run(backend, [x_far.contiguous()] + args[1:])
     assert torch.equal(y_far, y_near) and torch.equal(g_far, g_near)
     # the backward op with a far-strided dy (and x)
-    forward = functional._forward_ops[backend]
+    forward = registry.backend_ops(backend).forward
     y, h, g = forward(x_far, args[1], args[2], args[3], args[4], args[5], 1.0, 0.0, 0, 0)
     backward = {"reference": torch.ops.ilora_kernels.reference_backward,
                 "cpu": torch.ops.ilora_kernels.fused_backward,

@@ -187,6 +187,6 @@ def test_peft_version_pin():
             pi.check_peft_version(bad)
 
 
-def test_peft_version_override(monkeypatch):
-    monkeypatch.setenv("ILORA_ALLOW_UNTESTED_PEFT", "1")
+def test_peft_version_override(ilora_env):
+    ilora_env(ILORA_ALLOW_UNTESTED_PEFT="1")
     assert pi.check_peft_version("0.23.0") == "0.23.0"

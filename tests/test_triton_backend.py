@@ -18,7 +18,7 @@ from ilora_kernels._dropout import keep_mask
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-_status = functional._triton_status()
+_status = ik.available_backends()["triton"]
 pytestmark = pytest.mark.skipif(_status is not None, reason=f"Triton backend unavailable: {_status}")
 
 if _status is None:
@@ -161,9 +161,9 @@ CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
 @pytest.mark.parametrize("mode", MODES[:2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_ilora_linear_triton_matches_float64(case, dtype, mode, monkeypatch):
+def test_ilora_linear_triton_matches_float64(case, dtype, mode, ilora_env):
     n, d_in, d_out, k, r, top_k, p, routing = case
-    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
+    ilora_env(ILORA_TRITON_BASE_GEMM=mode)
     inputs = make_inputs(n, d_in, d_out, k, r, routing, dtype)
     torch.manual_seed(11)
     seed = functional._draw_seed() if p else 0
@@ -270,9 +270,9 @@ def test_strided_inputs():
 
 @pytest.mark.parametrize("fused_v", ["0", "1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_v_paths(dtype, fused_v, monkeypatch):
+def test_v_paths(dtype, fused_v, ilora_env):
     """Both ways of getting V = dy B_cat (in-kernel, or a GEMM + the per-token kernel) on a ragged shape."""
-    monkeypatch.setenv("ILORA_TRITON_FUSED_V", fused_v)
+    ilora_env(ILORA_TRITON_FUSED_V=fused_v)
     inputs = make_inputs(37, 40, 70, 3, 32, "skewed", dtype)
     check_against_oracle(inputs, 1.1, 0.0, 0, 2,
                          lambda *t: ik.ilora_linear(*t, 1.1, top_k=2, backend="triton", return_router_weights=True),
@@ -308,9 +308,9 @@ def test_large_rank_fallback_default():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_outputs_fully_overwritten(mode, monkeypatch):
+def test_outputs_fully_overwritten(mode, monkeypatch, ilora_env):
     """Every buffer the backend allocates is prefilled with NaN: no NaN may survive into the results."""
-    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
+    ilora_env(ILORA_TRITON_BASE_GEMM=mode)
     monkeypatch.setattr(T, "_empty", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                               device=device))
     for n, d_in, d_out, k, r in [(33, 40, 70, 3, 8), (7, 5, 3, 1, 1)]:
@@ -323,11 +323,10 @@ def test_outputs_fully_overwritten(mode, monkeypatch):
             assert torch.isfinite(got).all()
 
 
-def test_base_gemm_mode_is_validated(monkeypatch):
-    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", "nope")
-    inputs = make_inputs(3, 5, 3, 2, 2, "random", torch.float32)
+def test_base_gemm_mode_is_validated(ilora_env):
+    """A bad value is refused when the settings are read (the first call of a process, or settings.reload())."""
     with pytest.raises(ValueError, match="ILORA_TRITON_BASE_GEMM"):
-        torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.0, 0, 0)
+        ilora_env(ILORA_TRITON_BASE_GEMM="nope")
 
 
 def test_opcheck():
@@ -348,9 +347,8 @@ def test_opcheck():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (bf16 Triton at a large shape)")
 @pytest.mark.parametrize("mode,fused_v", [("fused", "0"), ("cublas", "0"), ("fused", "1")])
-def test_large_bf16_matches_float64(mode, fused_v, monkeypatch):
-    monkeypatch.setenv("ILORA_TRITON_BASE_GEMM", mode)
-    monkeypatch.setenv("ILORA_TRITON_FUSED_V", fused_v)
+def test_large_bf16_matches_float64(mode, fused_v, ilora_env):
+    ilora_env(ILORA_TRITON_BASE_GEMM=mode, ILORA_TRITON_FUSED_V=fused_v)
     n, d_in, d_out, k, r = 4096, 3584, 3584, 3, 128
     inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.bfloat16)
     torch.manual_seed(21)

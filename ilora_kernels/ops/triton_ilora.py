@@ -25,17 +25,26 @@ computed here in uint32 arithmetic, which wraps exactly like the reference's int
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .. import settings
 from .._dropout import keep_threshold, seed32
+from .contract import attach
+from .reference import concat_heads, routed_activations
+from .registry import BackendUnavailable, register
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = settings.get().triton_interpret
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    raise BackendUnavailable("triton is not installed") from None
+if not _INTERPRET and not torch.cuda.is_available():
+    raise BackendUnavailable("no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU "
+                             "interpreter)")
 
 # ---------------------------------------------------------------------------------------------------------------
 # device helpers
@@ -161,11 +170,12 @@ def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
 
 
 @triton.jit
-def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
-                      N, d_out, d_in, KR, R,
-                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
-                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
+                        N, d_out, d_in, KR, R, N_BUCKET,
+                        sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """N_BUCKET (min(next_pow2(N), 8192)) is only an autotune key."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
     num_n = tl.cdiv(d_out, BLOCK_N)
@@ -215,17 +225,6 @@ def _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
         acc = acc + bias[None, :]
     mask = (rm < N)[:, None] & (rn < d_out)[None, :]
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
-                        N, d_out, d_in, KR, R, N_BUCKET,
-                        sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    _base_expand_body(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, N, d_out, d_in, KR, R,
-                      sxm, sxk, swn, swk, sb0, sb1, sb2, sym, syn, sbias, scaling,
-                      HAS_BIAS, IEEE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def _gemm_configs():
@@ -422,12 +421,10 @@ _AUTO_FUSED_MAX = 1 << 22     # N * d_out up to which "auto" picks the fused bas
 
 
 def _base_gemm_mode(n: int, d_out: int) -> str:
-    """ILORA_TRITON_BASE_GEMM, read at call time: "fused" (Triton GEMM with the expand as an extended reduction),
-    "cublas" (addmm + addmm_) or "auto" (default): on an H100 the Triton GEMM lost to cuBLAS at 4096 x 3584 -> 3584
-    and -> 18944 but won at -> 512 (the cuBLAS path pays two launches and the B_cat copy), so auto picks by size."""
-    mode = os.environ.get("ILORA_TRITON_BASE_GEMM", "auto").strip().lower() or "auto"
-    if mode not in ("fused", "cublas", "auto"):
-        raise ValueError(f"ILORA_TRITON_BASE_GEMM must be 'fused', 'cublas' or 'auto', got {mode!r}")
+    """The ILORA_TRITON_BASE_GEMM setting: "fused" (Triton GEMM with the expand as an extended reduction), "cublas"
+    (addmm + addmm_) or "auto" (default): on an H100 the Triton GEMM lost to cuBLAS at 4096 x 3584 -> 3584 and
+    -> 18944 but won at -> 512 (the cuBLAS path pays two launches and the B_cat copy), so auto picks by size."""
+    mode = settings.get().triton_base_gemm
     if mode == "auto":
         mode = "fused" if n * d_out <= _AUTO_FUSED_MAX else "cublas"
     return mode
@@ -439,22 +436,16 @@ def _use_fused_v(cols: int) -> bool:
     so on CUDA it is opt-in (ILORA_TRITON_FUSED_V=1); the interpreter uses it by default so CPU tests cover it."""
     if cols > _MAX_FUSED_V:
         return False
-    if _INTERPRET:
-        return os.environ.get("ILORA_TRITON_FUSED_V", "1") == "1"
-    return os.environ.get("ILORA_TRITON_FUSED_V", "0") == "1"
-
-
-def _concat_heads(lora_b: Tensor) -> Tensor:
-    k, d_out, r = lora_b.shape
-    return lora_b.permute(1, 0, 2).reshape(d_out, k * r)
+    chosen = settings.get().triton_fused_v
+    return _INTERPRET if chosen is None else chosen
 
 
 _DETERMINISTIC_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 
 
 def deterministic_mode() -> bool:
-    """Whether the deterministic mode is on: ``ILORA_DETERMINISTIC=1`` (read at call time) or
-    ``torch.use_deterministic_algorithms(True)``.
+    """Whether the deterministic mode is on: the ILORA_DETERMINISTIC setting or
+    ``torch.use_deterministic_algorithms(True)`` (read at call time).
 
     Every Triton kernel here already reduces in a fixed order (no atomics; the split-token partials of dW_r / dA are
     summed by ``torch.sum`` in split order, and the split count depends only on the problem size and the device's
@@ -462,8 +453,7 @@ def deterministic_mode() -> bool:
     its candidate tiles and may pick a different BLOCK_K (a different fp32 summation order) in another process.
     The deterministic mode launches that kernel with one fixed tile instead (``_DETERMINISTIC_TILE``); its cost is
     the lost tuning (the fused GEMM only runs for N * d_out <= 4M elements in the default ``auto`` mode)."""
-    env = os.environ.get("ILORA_DETERMINISTIC", "").strip().lower()
-    return env in ("1", "true", "yes", "on") or torch.are_deterministic_algorithms_enabled()
+    return settings.get().deterministic or torch.are_deterministic_algorithms_enabled()
 
 
 def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
@@ -495,8 +485,15 @@ def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
                                  EVEN_K=even_k)
 
 
+def _check_device(x: Tensor) -> None:
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"backend='triton' needs cuda tensors (cpu tensors only under TRITON_INTERPRET=1), but x "
+                         f"is on {x.device.type}")
+
+
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
                  lora_b: Tensor, scaling: float, dropout_p: float, seed: int, top_k: int):
+    _check_device(x)
     n, d_in = x.shape
     d_out = weight.shape[0]
     num_heads, rank = router_weight.shape[0], lora_a.shape[0]
@@ -527,7 +524,7 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
             torch.mm(x, weight.t(), out=y)
         else:
             torch.addmm(bias, x, weight.t(), out=y)
-        y.addmm_(u, _concat_heads(lora_b).t(), alpha=scaling)
+        y.addmm_(u, concat_heads(lora_b).t(), alpha=scaling)
     else:
         _launch_base_expand(x, weight, bias, u, lora_b, y, scaling)
     return y, h, g
@@ -538,6 +535,7 @@ _MAX_FUSED_V = 512      # fp32 columns of V kept in registers per token block
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                   h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int, output_mask: List[bool]):
+    _check_device(x)
     need_dx, need_dwr, need_da, need_db = (bool(m) for m in output_mask)
     n, d_in = x.shape
     num_heads, d_out, rank = lora_b.shape
@@ -552,7 +550,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
         if n == 0:
             d_lora_b.zero_()
         else:
-            u = (g.to(dt).unsqueeze(2) * h.unsqueeze(1)).reshape(n, num_heads * rank)
+            u = routed_activations(g, h)
             d_b_cat = torch.mm(dy.t(), u)                                          # (d_out, K r)
             torch.mul(d_b_cat.view(d_out, num_heads, rank).permute(1, 0, 2), scaling, out=d_lora_b)  # one pass
 
@@ -564,7 +562,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
         if n > 0:
             from_v = not _use_fused_v(kpv * rpv)
             if from_v:
-                v = torch.mm(dy, _concat_heads(lora_b))                            # (N, K r) cuBLAS
+                v = torch.mm(dy, concat_heads(lora_b))                            # (N, K r) cuBLAS
                 bm, bn, warps = 16, 16, 4
                 v_arg, svm = v, v.stride(0)
             else:
@@ -644,8 +642,4 @@ def _triton_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tenso
     return backward_impl(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
 
 
-from ..functional import _attach  # noqa: E402
-
-_attach("ilora_kernels::triton_forward", "ilora_kernels::triton_backward")
-
-FORWARD_OP = torch.ops.ilora_kernels.triton_forward
+register("triton", attach("ilora_kernels::triton_forward", "ilora_kernels::triton_backward"))

@@ -1,0 +1,106 @@
+"""The op contract every backend meets, and ``attach``, which gives a backend's ops their fakes and autograd.
+
+A backend is a pair of ``torch.library`` custom ops on flattened 2-D activations:
+
+    <b>_forward(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
+        -> (y (N, d_out), h (N, r), g (N, K) in router_dtype(x.dtype): float32, float64 for float64 inputs)
+    <b>_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
+        -> (dx, d_router_weight, d_lora_a, d_lora_b)      (empty tensors where output_mask is False)
+
+``top_k = 0`` means dense routing; ``seed`` picks the dropout mask (``ilora_kernels._dropout``). ``attach``
+registers the shared fake (meta) implementations and the shared autograd (``setup_context`` + ``backward_body``)
+on the pair, so ``torch.compile`` and ``torch.library.opcheck`` see ordinary ops, and returns the ``OpPair`` that the
+backend registers (``ops.registry.register``). Saved for backward: x, h, g and the seed, never the dropout mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["OpPair", "attach", "backward_body", "fake_backward", "fake_forward", "router_dtype", "setup_context"]
+
+
+def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The router's softmax (and g) is float32, or float64 when the activations are float64."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class OpPair:
+    """A backend's ops: ``forward`` / ``backward`` are the op packets (with the registered autograd);
+    ``forward_kernel`` / ``backward_kernel`` their default overloads, which the eager path calls below autograd."""
+
+    forward: Callable
+    backward: Callable
+    forward_kernel: Callable
+    backward_kernel: Callable
+
+
+def fake_forward(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k):
+    n_tokens = x.shape[0]
+    return (x.new_empty(n_tokens, weight.shape[0]), x.new_empty(n_tokens, lora_a.shape[0]),
+            x.new_empty(n_tokens, router_weight.shape[0], dtype=router_dtype(x.dtype)))
+
+
+def fake_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask):
+    def grad_like(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty(0)
+
+    return (grad_like(x, output_mask[0]), grad_like(router_weight, output_mask[1]), grad_like(lora_a, output_mask[2]),
+            grad_like(lora_b, output_mask[3]))
+
+
+def setup_context(ctx, inputs, output):
+    x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k = inputs
+    _, h, g = output
+    ctx.save_for_backward(x, weight, router_weight, lora_a, lora_b, h, g)
+    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.mark_non_differentiable(h)
+    # unused outputs (g, usually) then reach backward as None instead of zero tensors that would cost GEMMs
+    ctx.set_materialize_grads(False)
+
+
+def backward_body(ctx, dy, dg, saved, call_backward):
+    """Gradients (dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None x 4) shared by every autograd path;
+    ``call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)``
+    runs the backend's backward op."""
+    x, weight, router_weight, lora_a, lora_b, h, g = saved
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[3], needs[4], needs[5]]
+    dx = d_router = d_lora_a = d_lora_b = d_weight = d_bias = None
+    if dy is not None and any(output_mask):
+        dx, d_router, d_lora_a, d_lora_b = call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g,
+                                                         ctx.scaling, ctx.dropout_p, getattr(ctx, "seed", 0),
+                                                         output_mask)
+        dx, d_router, d_lora_a, d_lora_b = (t if m else None for t, m in
+                                            zip((dx, d_router, d_lora_a, d_lora_b), output_mask, strict=True))
+    if dg is not None and (needs[0] or needs[3]):
+        # the caller used the returned router weights g in its loss: add their softmax backward
+        dz = (g * (dg - (g * dg).sum(dim=1, keepdim=True))).to(x.dtype)
+        if needs[3]:
+            d_router = dz.t() @ x if d_router is None else d_router + dz.t() @ x
+        if needs[0]:
+            dx = dz @ router_weight if dx is None else dx + dz @ router_weight
+    if dy is not None:
+        d_weight = dy.t() @ x if needs[1] else None
+        d_bias = dy.sum(dim=0) if needs[2] else None
+    return dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None, None, None, None
+
+
+def attach(forward_name: str, backward_name: str) -> OpPair:
+    """Registers the shared fakes and autograd on ``forward_name`` / ``backward_name`` (``"ilora_kernels::<op>"``,
+    already defined) and returns their ``OpPair``."""
+    torch.library.register_fake(forward_name)(fake_forward)
+    torch.library.register_fake(backward_name)(fake_backward)
+    namespace, forward_op_name = forward_name.split("::")
+    forward_op = getattr(getattr(torch.ops, namespace), forward_op_name)
+    backward_op = getattr(getattr(torch.ops, namespace), backward_name.split("::")[1])
+
+    def backward(ctx, dy, _dh, dg):
+        return backward_body(ctx, dy, dg, ctx.saved_tensors, backward_op)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    return OpPair(forward_op, backward_op, forward_op.default, backward_op.default)
