@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ilora_kernels.crab.train import CONFIG_COPY, ROUTER_STATS_FILE, build_model, config_from_dict, train  # noqa: E402
+from ilora_kernels.crab.config import config_from_dict  # noqa: E402
+from ilora_kernels.crab.train import CONFIG_COPY, ROUTER_STATS_FILE, build_model, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["ks", "avqa"]

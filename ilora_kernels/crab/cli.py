@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..ops.registry import BACKENDS
+
 
 def _tasks(value: str) -> List[str]:
     return [t.strip() for t in value.replace(",", " ").split() if t.strip()]
@@ -30,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(config key model.name_or_path; default Qwen/Qwen2.5-Omni-7B)")
     g.add_argument("--model-config", choices=["tiny"], help="'tiny': build the toy Qwen2.5-Omni thinker with random "
                    "weights and a locally made processor instead of loading a checkpoint (demo, tests)")
-    g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
+    g.add_argument("--backend", choices=("auto",) + BACKENDS,
                    help="I-LoRA kernel backend (ilora.backend; default auto = fastest for the device)")
 
 
@@ -168,7 +170,8 @@ def _overrides(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import load_config, train
+    from .config import load_config
+    from .train import train
 
     o = _overrides(a)
     o.update({"training.output_dir": a.output_dir, "training.max_steps": a.max_steps,
@@ -204,8 +207,9 @@ def _shutdown_distributed() -> None:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from ..adapters import load_ilora
+    from .config import load_config
     from .evaluate import evaluate_samples, format_metrics, write_results
-    from .train import CONFIG_COPY, build_model, load_config, load_prompt_file, load_samples
+    from .train import CONFIG_COPY, build_model, load_prompt_file, load_samples
 
     adapter = Path(a.adapter)
     config = a.config
@@ -272,7 +276,7 @@ def cmd_demo_data(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .train import ConfigError
+    from .config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -71,7 +71,7 @@ def _fmt(v) -> str:
 
 class _Demo:
     def __init__(self, args):
-        from .train import config_from_dict, load_config
+        from .config import config_from_dict, load_config
 
         self.args = args
         self.out = Path(args.output_dir)
@@ -147,7 +147,7 @@ class _Demo:
                           frame_size=self.base.data.frame_size)
         self.train_items = [ds[i] for i in range(len(ds))]  # decode the media once for all runs
         self.gen_cache: dict = {}
-        from ..functional import resolve_backend
+        from ..ops.registry import resolve_backend
         probe = torch.zeros(1)
         backend = resolve_backend(self.base.ilora.backend, probe)
         print(f"data: {len(self.tasks)} tasks x ({self.args.n_train} train + {self.args.n_test} test) in "

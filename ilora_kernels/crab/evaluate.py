@@ -11,7 +11,7 @@ Answer extraction (``extract_answer``)
 Metrics (``score_task``; the metric name comes from ``TASKS[key].metric``)
     ``accuracy``  exact match of the normalised answers (lower case, single spaces, outer punctuation stripped);
                   classification, QA and AVE.
-    ``avvp``      AVVP parsing. Format of a prediction and of a target: events separated by ``;`` (or new lines),
+    ``avvp_f1``   AVVP parsing. Format of a prediction and of a target: events separated by ``;`` (or new lines),
                   each ``<event label>, <start>-<end>`` in seconds, end exclusive, e.g.
                   ``speech, 0-10; dog barking, 3-5``; ``to`` and en-dashes work as separators, ``s`` suffixes are
                   ignored. Segments are the 1-second bins 0..9 (``avvp_segments``, default 10).
@@ -35,9 +35,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from .tasks import METRICS, TASKS
 
 # ---------------------------------------------------------------------------------------------------------------
 # answer extraction
@@ -237,27 +239,24 @@ def caption_f1(predictions: Sequence[str], targets: Sequence[str]) -> dict:
     return {"score": _mean(scores), "token_f1": _mean(scores), "per_sample": scores}
 
 
-METRICS = ("accuracy", "avvp", "iou", "caption")
-_METRIC_ALIASES = {"caption": "caption", "token_f1": "caption", "accuracy": "accuracy", "acc": "accuracy",
-                   "avvp": "avvp", "avvp_f1": "avvp", "f1": "avvp", "segment_f1": "avvp", "iou": "iou", "miou": "iou",
-                   "box_iou": "iou", "interval_iou": "iou"}
+# one scorer per metric of the task registry (crab.tasks.METRICS): (predictions, targets, choices) -> result
+SCORERS: Dict[str, Callable[[Sequence[str], Sequence[str], Optional[Sequence[str]]], dict]] = {
+    "accuracy": lambda predictions, targets, choices: accuracy(predictions, targets, choices),
+    "avvp_f1": lambda predictions, targets, choices: avvp_f1(predictions, targets),
+    "iou": lambda predictions, targets, choices: iou_score(predictions, targets),
+    "caption": lambda predictions, targets, choices: caption_f1(predictions, targets),
+}
 
 
 def score_task(metric: str, predictions: Sequence[str], targets: Sequence[str],
                choices: Optional[Sequence[str]] = None) -> dict:
-    """Scores one task's predictions; ``metric`` is accuracy, avvp / avvp_f1 (segment/event F1), iou or caption."""
-    kind = _METRIC_ALIASES.get(str(metric).lower())
-    if kind is None:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRIC_ALIASES)}")
-    if kind == "accuracy":
-        out = accuracy(predictions, targets, choices)
-    elif kind == "avvp":
-        out = avvp_f1(predictions, targets)
-    elif kind == "caption":
-        out = caption_f1(predictions, targets)
-    else:
-        out = iou_score(predictions, targets)
-    out["metric"] = kind
+    """Scores one task's predictions with ``metric``, a name of ``crab.tasks.METRICS`` (a task's
+    ``TASKS[key].metric``); the result's ``"metric"`` is that name."""
+    scorer = SCORERS.get(metric)
+    if scorer is None:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
+    out = scorer(predictions, targets, choices)
+    out["metric"] = metric
     return out
 
 
@@ -447,8 +446,6 @@ def evaluate_samples(model, processor, samples, *, max_new_tokens: int = 64, pro
                      run_name: str = "", inputs_cache: Optional[dict] = None) -> dict:
     """Generates on ``samples`` (a list of ``Sample``), scores every task and returns the results dict (the
     results-JSON content: ``{"run", "tasks": {task: {"metric", "score", "n", ...}}, "predictions", "router"}``)."""
-    from .tasks import TASKS
-
     start = time.perf_counter()
     tasks = sorted({s.task for s in samples})
     stats = RouterStats(model, tasks).attach() if collect_router else None

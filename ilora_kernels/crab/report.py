@@ -90,16 +90,6 @@ def format_transfer(table: Mapping, title: str = "transfer: multi-task vs single
     return "\n".join(lines)
 
 
-def compare_runs(a: PathOrDict, b: PathOrDict, name_a: str = "A", name_b: str = "B") -> str:
-    """A side-by-side table of two runs on their common tasks (e.g. LoRA K=1 vs I-LoRA K=3)."""
-    ta, tb = load_results(a)["tasks"], load_results(b)["tasks"]
-    lines = [f"  {'task':<10} {name_a:>12} {name_b:>12} {'delta':>8}"]
-    for task in sorted(set(ta) & set(tb)):
-        sa, sb = float(ta[task]["score"]), float(tb[task]["score"])
-        lines.append(f"  {task:<10} {sa:12.3f} {sb:12.3f} {sb - sa:+8.3f}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # router plot
 

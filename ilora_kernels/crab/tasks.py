@@ -1,7 +1,8 @@
 """The AV-UIE v2 task registry (SPEC section 4) and the replaceable per-task prompt file.
 
 ``TASKS[key]`` describes one task key: which JSON field holds the target text, which media the sample carries, the
-metric family the evaluation uses and, for closed-set tasks whose answer vocabulary we ship, the choices.
+metric the evaluation scores it with and, for closed-set tasks whose answer vocabulary we ship, the choices. It is the
+one list of tasks: the data reader, the recipe config (``data.tasks``) and the evaluation all read it.
 
 Media kinds:
   ``video_audio``  ``video_path`` + ``audio_path`` (file names inside the task folder's ``video/`` and ``audio/``)
@@ -9,8 +10,8 @@ Media kinds:
   ``v2a``          one video (``video_path``) and two candidate audios (``audio1_path``, ``audio2_path``)
   ``image_audio``  ``image_path`` + ``audio_path``, paths relative to the task folder
 
-Metric families: ``accuracy`` (classification, QA, AVE), ``avvp_f1`` (segment/event-level F1), ``iou``
-(temporal or spatial localisation), ``caption`` (free text).
+Metrics (``METRICS``; each has one scorer in ``crab.evaluate.SCORERS``): ``accuracy`` (classification, QA, AVE),
+``avvp_f1`` (segment/event-level F1), ``iou`` (temporal or spatial localisation), ``caption`` (free text).
 """
 
 from __future__ import annotations
