@@ -12,8 +12,8 @@
 //   * g is rounded to the activation dtype before it multiplies h (forward) or v (backward, dh);
 //   * dg = s <v_k, h> is accumulated in acc_t, and dz = g * (dg - <g, dg>) is computed in acc_t.
 // Top-k ties are broken towards the lower head index (a head i beats head j when l_i > l_j, or l_i == l_j and
-// i < j); a NaN logit beats every number (torch.topk's order).  torch.topk does not document its tie order, so
-// exactly tied logits may select different heads than the reference backend; distinct logits select the same heads.
+// i < j); a NaN logit beats every number.  The reference backend ranks the same way (a stable descending sort), and
+// so does the tests' float64 reference (tests/ilora_float64.py, topk_keep).
 #pragma once
 
 #include <cstdint>

@@ -1,8 +1,7 @@
 """Shared by the tests of the compiled fused ops (tests/test_cpu_backend.py, test_cuda_backend.py and
-test_cuda_emulation.py): an independent float64 implementation of SPEC section 1 (a loop over heads, autograd for
-the gradients; it does not use ilora_kernels.ops.reference), input generators with routing distributions, the test
-cases, tolerances, and checks of the raw ``fused_forward`` / ``fused_backward`` ops that each backend runs on its
-own op namespace and device.
+test_cuda_emulation.py): the test cases, tolerances, and checks of the raw ``fused_forward`` / ``fused_backward`` ops
+that each backend runs on its own op namespace and device, against the tests' float64 reference and input
+generator (tests/ilora_float64.py).
 
 Tolerances: float64 1e-10 and float32 1e-4 (max abs error / max abs value); float16 / bfloat16 errors are bounded
 by a small multiple of PyTorch's own error for the same computation in that dtype (the reference backend run in
@@ -15,51 +14,10 @@ import pytest
 import torch
 
 import ilora_kernels as ik
+from ilora_float64 import float64_grads, make_inputs
 from ilora_kernels import _dropout, functional
 
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the independent float64 implementation
-
-
-def topk_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Boolean (N, K): head i is kept when fewer than top_k heads beat it (larger logit, or equal and lower index)."""
-    num_heads = logits.shape[1]
-    if top_k <= 0 or top_k >= num_heads:
-        return torch.ones_like(logits, dtype=torch.bool)
-    li, lj = logits.unsqueeze(2), logits.unsqueeze(1)  # [n, i, j]
-    idx = torch.arange(num_heads, device=logits.device)
-    beats = (lj > li) | ((lj == li) & (idx.view(1, 1, -1) < idx.view(1, -1, 1)))
-    return beats.sum(dim=2) < top_k
-
-
-def expected(x, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k, dy, keep=None):
-    """float64 y, h, g and the gradients of (x, weight, bias, router_weight, lora_a, lora_b) for loss <y, dy>.
-    ``keep`` overrides the top-k selection (used where low-precision logits may legitimately pick another head)."""
-    t = [None if v is None else v.detach().to(torch.float64).requires_grad_() for v in
-         (x, weight, bias, router_weight, lora_a, lora_b)]
-    x64, w64, b64, wr64, a64, b_heads = t
-    n_tokens, d_in = x64.shape
-    logits = x64 @ wr64.t()
-    if keep is None:
-        keep = topk_keep(logits.detach(), top_k)
-    g = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
-    if p > 0:
-        mask = _dropout.keep_mask(seed, n_tokens, d_in, p, device=x64.device).to(torch.float64)
-        x_drop = x64 * mask / (1.0 - p)
-    else:
-        x_drop = x64
-    h = x_drop @ a64.t()
-    y = x64 @ w64.t()
-    if b64 is not None:
-        y = y + b64
-    for k in range(wr64.shape[0]):
-        y = y + scaling * g[:, k:k + 1] * (h @ b_heads[k].t())
-    y.backward(dy.to(torch.float64))
-    grads = [None if v is None else v.grad for v in t]
-    return y.detach(), h.detach(), g.detach(), grads
 
 
 def rel_err(actual: torch.Tensor, want: torch.Tensor) -> float:
@@ -67,40 +25,6 @@ def rel_err(actual: torch.Tensor, want: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "non-finite values in an output"
     scale = want.abs().max().item()
     return (actual.to(torch.float64) - want).abs().max().item() / max(scale, 1e-30)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def make_inputs(n, d_in, d_out, heads, rank, routing, dtype, bias=True, gen_seed=0):
-    gen = torch.Generator().manual_seed(gen_seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale)
-
-    x = rnd(n, d_in)
-    weight = rnd(d_out, d_in, scale=d_in ** -0.5)
-    b = rnd(d_out) if bias else None
-    lora_a = rnd(rank, d_in, scale=d_in ** -0.5)
-    lora_b = rnd(heads, d_out, rank, scale=rank ** -0.5)
-    if routing == "one_head":  # every token sends (almost) all mass to head 0
-        x[:, 0] = 1.0 + 0.1 * x[:, 0].abs()
-        router = rnd(heads, d_in, scale=0.01)
-        router[0, 0] = 60.0
-    elif routing == "uniform":
-        router = torch.zeros(heads, d_in, dtype=torch.float64)
-    elif routing == "skewed":
-        router = rnd(heads, d_in, scale=2.0 * d_in ** -0.5)
-        router[0] += 0.5 * rnd(d_in).abs() * d_in ** -0.5
-    elif routing == "near_tied":  # logits differ by ~1e-7 (float64) / ~1e-3 (float32)
-        gap = 1e-7 if dtype == torch.float64 else 1e-3
-        router = rnd(1, d_in, scale=d_in ** -0.5).expand(heads, d_in) + gap * rnd(heads, d_in)
-    else:  # random
-        router = rnd(heads, d_in, scale=d_in ** -0.5)
-    dy = rnd(n, d_out)
-    cast = [None if v is None else v.to(dtype) for v in (x, weight, b, router, lora_a, lora_b, dy)]
-    return cast
 
 
 CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
@@ -168,10 +92,11 @@ def check_every_output_mask(ops, dtype, p, top_k, device="cpu"):
     """y, h, g and every subset of (dx, d_router, d_lora_a, d_lora_b) against float64; unrequested outputs are
     empty."""
     n, d_in, d_out, heads, rank = 33, 17, 19, 5, 8
-    inputs = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, gen_seed=5)
+    inputs = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, seed=5, with_dy=True)
     x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
     seed, scaling = 987654321, 0.75
-    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k, dy)
+    want_y, want_h, want_g, want_grads = float64_grads(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k,
+                                                       dy)
     tol = tolerance(dtype, 0.0)
     y, h, g = ops.fused_forward(x, weight, b, router, lora_a, lora_b, scaling, p, seed, top_k)
     for name, actual, want in (("y", y, want_y), ("h", h, want_h), ("g", g, want_g)):
@@ -192,14 +117,14 @@ def check_non_contiguous_inputs(ops, p, device="cpu"):
     """Column-major x, column-strided dy, and strided weight / router_weight / lora_b / h / g give the float64
     result (x and dy are read through their strides; the small tensors may be copied)."""
     n, d_in, d_out, heads, rank = 33, 17, 19, 3, 8
-    inputs = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float64)
+    inputs = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float64, seed=0, with_dy=True)
     x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
     x_t = x.t().contiguous().t()
     dy_wide = torch.randn(n, 2 * d_out, dtype=torch.float64, device=device)
     dy_wide[:, ::2] = dy
     dy_s = dy_wide[:, ::2]
     assert not x_t.is_contiguous() and not dy_s.is_contiguous()
-    want_y, want_h, want_g, want_grads = expected(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
+    want_y, want_h, want_g, want_grads = float64_grads(x, weight, b, router, lora_a, lora_b, 2.0, p, 77, 0, dy)
     y, h, g = ops.fused_forward(x_t, weight, b, router.t().contiguous().t(), lora_a,
                                 lora_b.transpose(1, 2).contiguous().transpose(1, 2), 2.0, p, 77, 0)
     assert max(rel_err(y, want_y), rel_err(h, want_h), rel_err(g, want_g)) < 1e-10
@@ -226,7 +151,7 @@ def check_dropout_mask_is_the_shared_hash(ops):
         assert torch.equal(h != 0, mask), (p, seed)
         torch.testing.assert_close(h[mask], (x * (1.0 / (1.0 - p)))[mask], rtol=1e-15, atol=0)
         dy = torch.randn(n, d_out, dtype=torch.float64)
-        want = expected(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
+        want = float64_grads(x, weight, None, router, lora_a, lora_b, 1.0, p, seed, 0, dy)[3]
         outs = ops.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 1.0, p, seed, [True] * 4)
         assert rel_err(outs[0], want[0]) < 1e-10 and rel_err(outs[2], want[4]) < 1e-10
 
@@ -234,7 +159,7 @@ def check_dropout_mask_is_the_shared_hash(ops):
 def check_outputs_fully_written(ops, n, device="cpu"):
     """Outputs come from fresh allocations: pre-fill the allocator's memory with NaN and check nothing leaks."""
     d_in, d_out, heads, rank = 33, 65, 3, 16
-    inputs = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float32)
+    inputs = make_inputs(n, d_in, d_out, heads, rank, "random", torch.float32, seed=0, with_dy=True)
     x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
     for p in (0.0, 0.3):
         for top_k in (0, 1):
@@ -255,7 +180,7 @@ def check_outputs_fully_written(ops, n, device="cpu"):
 
 def check_zero_tokens(ops, p, device="cpu"):
     """N = 0: empty y, h, g and dx; zero (not garbage) weight gradients."""
-    inputs = make_inputs(0, 5, 3, 3, 2, "random", torch.float32)
+    inputs = make_inputs(0, 5, 3, 3, 2, "random", torch.float32, seed=0, with_dy=True)
     x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
     y, h, g = ops.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, p, 0, 0)
     assert y.shape == (0, 3) and h.shape == (0, 2) and g.shape == (0, 3)
@@ -267,7 +192,7 @@ def check_zero_tokens(ops, p, device="cpu"):
 
 def check_opcheck(ops, dtype, p, device="cpu"):
     """torch.library.opcheck on the forward (with and without bias, dense and top-k) and two backward masks."""
-    inputs = make_inputs(7, 17, 19, 3, 4, "random", dtype)
+    inputs = make_inputs(7, 17, 19, 3, 4, "random", dtype, seed=0, with_dy=True)
     x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
     x, router, lora_a, lora_b = (v.requires_grad_() for v in (x, router, lora_a, lora_b))
     torch.library.opcheck(ops.fused_forward.default, (x, weight, b, router, lora_a, lora_b, 2.0, p, 11, 0))

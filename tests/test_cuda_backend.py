@@ -18,7 +18,7 @@ from fused_op_checks import (
     check_opcheck,
     check_outputs_fully_written,
     check_zero_tokens,
-    expected,
+    float64_grads,
     make_inputs,
     rel_err,
     tolerance,
@@ -37,7 +37,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def cuda_inputs(*args, **kwargs):
-    return [None if v is None else v.cuda() for v in make_inputs(*args, **kwargs)]
+    return [None if v is None else v.cuda() for v in make_inputs(*args, **kwargs, seed=0, with_dy=True)]
 
 
 def run_layer(backend, inputs, scaling, p, seed, top_k, monkeypatch):
@@ -57,11 +57,11 @@ def test_layer_matches_float64(case, dtype, monkeypatch):
     n, d_in, d_out, heads, rank, top_k, p, routing = case
     if dtype in LOW and routing in ("near_tied", "uniform") and top_k:
         pytest.skip("top-k over (near-)tied logits is decided by rounding in half precision")
-    inputs = cuda_inputs(n, d_in, d_out, heads, rank, routing, dtype, gen_seed=n * 31 + d_in)
+    inputs = cuda_inputs(n, d_in, d_out, heads, rank, routing, dtype, seed=n * 31 + d_in)
     seed, scaling = 1234567 + n, 2.0
     y, g, grads = run_layer("cuda", inputs, scaling, p, seed, top_k, monkeypatch)
     keep = (g > 0) if (dtype in LOW and top_k) else None
-    want_y, _, want_g, want_grads = expected(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
+    want_y, _, want_g, want_grads = float64_grads(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
     assert y.dtype == dtype and y.is_cuda
     assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if dtype in LOW:
@@ -135,7 +135,7 @@ def test_large_bf16_shape():
     dy64 = rnd(n, d_out)
     bf = [t.to(torch.bfloat16) for t in f64]
     dy = dy64.to(torch.bfloat16)
-    want_y, _, want_g, want_grads = expected(*bf, scaling, p, seed, 0, dy)
+    want_y, _, want_g, want_grads = float64_grads(*bf, scaling, p, seed, 0, dy)
     results = {}
     for backend in ("cuda", "reference"):
         leaves = [t.detach().clone().requires_grad_(i in (0, 3, 4, 5)) for i, t in enumerate(bf)]

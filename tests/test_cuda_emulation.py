@@ -31,7 +31,7 @@ from fused_op_checks import (
     check_non_contiguous_inputs,
     check_outputs_fully_written,
     check_zero_tokens,
-    expected,
+    float64_grads,
     make_inputs,
     rel_err,
     run_layer,
@@ -75,11 +75,11 @@ def backward_all(emu, inputs, scaling, p, seed, top_k):
 @pytest.mark.parametrize("case,dtype", CASE_DTYPES)
 def test_emulated_kernels_match_float64(emu, case, dtype, monkeypatch):
     n, d_in, d_out, heads, rank, top_k, p, routing = case
-    inputs = make_inputs(n, d_in, d_out, heads, rank, routing, dtype, gen_seed=n * 31 + d_in)
+    inputs = make_inputs(n, d_in, d_out, heads, rank, routing, dtype, seed=n * 31 + d_in, with_dy=True)
     seed, scaling = 1234567 + n, 2.0
     y, h, g, (dx, drouter, dlora_a, dlora_b) = backward_all(emu, inputs, scaling, p, seed, top_k or 0)
     keep = (g > 0) if (dtype in LOW and top_k) else None
-    want_y, want_h, want_g, want_grads = expected(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
+    want_y, want_h, want_g, want_grads = float64_grads(*inputs[:6], scaling, p, seed, top_k or 0, inputs[6], keep=keep)
     assert (y.dtype, h.dtype) == (dtype, dtype)
     assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     actual = {"y": y, "h": h, "g": g, "dx": dx, "drouter": drouter, "dlora_a": dlora_a, "dlora_b": dlora_b}
@@ -132,9 +132,9 @@ def test_many_heads_wide_rank_and_many_rounds(emu, dtype, heads, rank, top_k):
     """K up to the 256-head limit (per-warp scratch of 2K / 3K accumulators: 24 KiB for float64, under the 48 KiB
     launch limit the emulator enforces), K and r above the 32 lanes of a warp, and ~4 grid-stride rounds per warp."""
     n = 4 * MAX_BLOCKS * WARPS_PER_BLOCK + 5
-    inputs = make_inputs(n, 23, 11, heads, rank, "skewed", dtype, gen_seed=heads + rank)
+    inputs = make_inputs(n, 23, 11, heads, rank, "skewed", dtype, seed=heads + rank, with_dy=True)
     y, h, g, grads = backward_all(emu, inputs, 1.5, 0.2, 99, top_k)
-    want_y, want_h, want_g, want_grads = expected(*inputs[:6], 1.5, 0.2, 99, top_k, inputs[6])
+    want_y, want_h, want_g, want_grads = float64_grads(*inputs[:6], 1.5, 0.2, 99, top_k, inputs[6])
     tol = tolerance(dtype, 0.0)
     for name, actual, want in zip(("y", "h", "g", "dx", "drouter", "dlora_a", "dlora_b"), [y, h, g, *grads],
                                   [want_y, want_h, want_g, want_grads[0], *want_grads[3:]]):
@@ -142,7 +142,7 @@ def test_many_heads_wide_rank_and_many_rounds(emu, dtype, heads, rank, top_k):
 
 
 def test_more_heads_than_the_limit_is_a_clear_error(emu):
-    x, weight, b, router, lora_a, lora_b, _ = make_inputs(3, 5, 4, 257, 2, "random", torch.float32)
+    x, weight, b, router, lora_a, lora_b = make_inputs(3, 5, 4, 257, 2, "random", torch.float32, seed=0)
     with pytest.raises(RuntimeError, match=r"router_weight has shape \[257, 5\].*at most 256 heads"):
         emu.fused_forward(x, weight, b, router, lora_a, lora_b, 2.0, 0.0, 0, 0)
 
@@ -151,7 +151,7 @@ def test_more_heads_than_the_limit_is_a_clear_error(emu):
 def test_launch_counts(emu, p, forward_launches, backward_launches):
     """Forward: route (plus dropout when p > 0); backward: the token kernel (plus masked-add and dropout when
     p > 0); nothing is launched for empty work."""
-    x, weight, b, router, lora_a, lora_b, dy = make_inputs(9, 7, 5, 3, 4, "random", torch.float32)
+    x, weight, b, router, lora_a, lora_b, dy = make_inputs(9, 7, 5, 3, 4, "random", torch.float32, seed=0, with_dy=True)
 
     def launches(fn):
         before = emu.launch_count()
@@ -168,7 +168,7 @@ def test_launch_counts(emu, p, forward_launches, backward_launches):
     count, _ = launches(lambda: emu.fused_backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, p, 3,
                                                    [False] * 4))
     assert count == 0
-    empty = make_inputs(0, 7, 5, 3, 4, "random", torch.float32)
+    empty = make_inputs(0, 7, 5, 3, 4, "random", torch.float32, seed=0, with_dy=True)
     count, (y0, h0, g0) = launches(lambda: emu.fused_forward(*empty[:6], 2.0, p, 3, 0))
     assert count == 0 and y0.shape == (0, 5) and h0.shape == (0, 4) and g0.shape == (0, 3)
 
@@ -180,7 +180,8 @@ def test_agrees_with_the_cpu_backend(emu, dtype):
     reason = functional.available_backends()["cpu"]
     if reason is not None:
         pytest.skip(f"the C++ CPU backend is unavailable: {reason}")
-    inputs = make_inputs(150, 40, 24, 3, 16, "skewed", dtype, gen_seed=11)  # N > r: the CPU backend's fused path
+    # N > r: the CPU backend's fused path
+    inputs = make_inputs(150, 40, 24, 3, 16, "skewed", dtype, seed=11, with_dy=True)
     emu_out = backward_all(emu, inputs, 2.0, 0.1, 5, 2)
     cpu = torch.ops.ilora_kernels
     x, weight, b, router, lora_a, lora_b, dy = inputs
@@ -215,7 +216,7 @@ def cpu_kernels_replaced_by(emu):
 def test_cpu_kernel_replacement_reaches_the_emulation_and_is_undone(emu):
     if functional.available_backends()["cpu"] is not None:
         pytest.skip(f"needs the compiled extension for the op schemas: {functional.available_backends()['cpu']}")
-    inputs = make_inputs(9, 7, 5, 3, 4, "random", torch.float32)
+    inputs = make_inputs(9, 7, 5, 3, 4, "random", torch.float32, seed=0, with_dy=True)
     x, weight, b, router, lora_a, lora_b, _ = inputs
     with cpu_kernels_replaced_by(emu):
         before = emu.launch_count()

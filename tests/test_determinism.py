@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from ilora_float64 import make_inputs
 from ilora_kernels import functional
 from ilora_kernels._dropout import keep_mask
 
@@ -27,10 +28,7 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(AVAILABLE[b] is not None, r
 
 
 def _problem(dtype=torch.float32, n=37, d_in=24, d_out=19, r=8, k=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shapes_and_scales = [((n, d_in), 1.0), ((d_out, d_in), 0.2), ((d_out,), 1.0), ((k, d_in), 0.2), ((r, d_in), 0.2),
-                         ((k, d_out, r), 1 / 3)]
-    return [(torch.randn(*shape, generator=gen) * scale).to(dtype) for shape, scale in shapes_and_scales]
+    return make_inputs(n, d_in, d_out, k, r, dtype=dtype, seed=seed)
 
 
 def _run_once(backend, tensors, p=0.2, top_k=None):

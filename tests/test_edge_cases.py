@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from ilora_float64 import ilora_float64
+from ilora_float64 import ilora_float64, make_inputs
 from ilora_kernels import functional
 from ilora_kernels.functional import ilora_linear
 from ilora_kernels.ops import registry
@@ -56,13 +56,10 @@ def _same_nan_count(got, want, count):
 
 
 def _inputs(n=6, d_in=8, d_out=5, r=3, k=4, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=gen)
-    x[:, 0] = 1.0 + torch.rand(n, generator=gen)          # feature 0 is positive: router column 0 steers
-    t = [x, torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5, torch.randn(d_out, generator=gen),
-         torch.randn(k, d_in, generator=gen) * d_in ** -0.5, torch.randn(r, d_in, generator=gen) * d_in ** -0.5,
-         torch.randn(k, d_out, r, generator=gen) * r ** -0.5]
-    return [v.to(dtype) for v in t]
+    x, *rest = make_inputs(n, d_in, d_out, k, r, dtype=torch.float64, seed=seed)
+    # feature 0 in [1, 2): router column 0 steers, and its logits stay within about twice that column's values
+    x[:, 0] = 1.0 + torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [v.to(dtype) for v in [x, *rest]]
 
 
 # ---------------------------------------------------------------------------------------------------------------

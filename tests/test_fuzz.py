@@ -3,7 +3,7 @@
 Each example draws a problem (token count N including 0 and 1, leading dims for a 1-D to 4-D x, d_in, d_out, r up to
 256, K up to 64, dtype, strides of x and of every weight, bias or not, top_k, dropout p and training, scaling, whether
 the loss also uses the router weights g) and checks y, g and the gradients of x, weight, bias, router_weight, lora_a
-and lora_b against ``tests/ilora_float64.py`` (an independent float64 implementation, autograd for its gradients).
+and lora_b against ``tests/ilora_float64.py`` (the tests' float64 reference, autograd for its gradients).
 A fraction of the examples are invalid on purpose (wrong shape, dtype, device-independent argument errors); those
 must raise ValueError / TypeError / RuntimeError with a message naming the offending argument, never crash or
 return garbage.
@@ -24,8 +24,8 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
+from ilora_float64 import ilora_float64, make_inputs
 from ilora_kernels import functional
-from ilora_kernels._dropout import keep_mask
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXAMPLES = int(os.environ.get("ILORA_FUZZ_EXAMPLES", "50"))
@@ -94,43 +94,42 @@ def _leaf(t):
     return t.detach().requires_grad_()
 
 
-def _make_matrix(rows, cols, scale, layout, dtype, gen):
+def _relayout(t, layout):
+    """The values of a 2-D tensor in another memory layout: column-major, or every other column of a wider buffer."""
     if layout == "transposed":
-        base = torch.randn(cols, rows, generator=gen, dtype=torch.float64).t()
-    elif layout == "sliced":
-        base = torch.randn(rows, 2 * cols, generator=gen, dtype=torch.float64)[:, ::2]
-    else:
-        base = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
-    out = torch.empty_strided(base.shape, base.stride(), dtype=dtype)
-    out.copy_(base * scale)
-    return out
+        return t.t().contiguous().t()
+    if layout == "sliced":
+        wide = t.new_empty(t.shape[0], 2 * t.shape[1])
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t
 
 
 def build(pb):
-    gen = torch.Generator().manual_seed(pb["seed"])
-    dt, d_in, d_out, k, r = pb["dtype"], pb["d_in"], pb["d_out"], pb["num_heads"], pb["rank"]
-    shape = pb["lead"] + (d_in,)
+    """The problem's tensors: the tests' input generator (tests/ilora_float64.py), then the drawn layouts."""
+    dt, d_in, d_out, k, r, lead = pb["dtype"], pb["d_in"], pb["d_out"], pb["num_heads"], pb["rank"], pb["lead"]
+    shape = lead + (d_in,)
+    x, weight, bias, router, lora_a, lora_b = make_inputs(lead[-1] if lead else 1, d_in, d_out, k, r, dtype=dt,
+                                                          lead=lead[:-1], bias=pb["bias"] != "none",
+                                                          seed=pb["seed"])
+    x = x.reshape(shape)
     if pb["x_layout"] == "sliced":
-        x = torch.randn(*pb["lead"], 2 * d_in, generator=gen, dtype=torch.float64).to(dt)[..., ::2]
+        wide = x.new_empty(*lead, 2 * d_in)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
     elif pb["x_layout"] == "transposed" and len(shape) >= 2:
-        x = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen, dtype=torch.float64).to(dt)
-        x = x.transpose(-1, -2)
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     elif pb["x_layout"] == "expanded" and len(shape) >= 2 and shape[-2] > 0:
-        x = torch.randn(*shape[:-2], 1, d_in, generator=gen, dtype=torch.float64).to(dt).expand(shape)
-    else:
-        x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dt)
+        x = x[..., :1, :].expand(shape)
     assert tuple(x.shape) == shape
     wl = pb["w_layout"]
-    weight = _make_matrix(d_out, d_in, d_in ** -0.5, wl, dt, gen)
-    router = _make_matrix(k, d_in, d_in ** -0.5, wl, dt, gen)
-    lora_a = _make_matrix(r, d_in, d_in ** -0.5, wl, dt, gen)
-    lb = torch.randn(k, d_out, r, generator=gen, dtype=torch.float64) * r ** -0.5
-    lora_b = lb.permute(2, 0, 1).contiguous().permute(1, 2, 0).to(dt) if wl != "contiguous" else lb.to(dt)
-    bias = None
-    if pb["bias"] == "contiguous":
-        bias = torch.randn(d_out, generator=gen, dtype=torch.float64).to(dt)
-    elif pb["bias"] == "strided":
-        bias = torch.randn(2 * d_out, generator=gen, dtype=torch.float64).to(dt)[::2]
+    weight, router, lora_a = (_relayout(t, wl) for t in (weight, router, lora_a))
+    if wl != "contiguous":
+        lora_b = lora_b.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    if pb["bias"] == "strided":
+        wide = bias.new_empty(2 * d_out)
+        wide[::2] = bias
+        bias = wide[::2]
     return x, weight, bias, router, lora_a, lora_b
 
 
@@ -171,31 +170,6 @@ def inject_fault(pb, args, kwargs):
         args[0] = torch.tensor(1.0, dtype=x.dtype)
         return "x"
     raise AssertionError(fault)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the float64 oracle (written here, independent of the package's ops: heads looped, autograd for the gradients)
-
-
-def oracle64(x, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k):
-    d_in, d_out, num_heads = x.shape[-1], weight.shape[0], router_weight.shape[0]
-    lead = tuple(x.shape[:-1])
-    xs = x.reshape(-1, d_in)
-    logits = xs @ router_weight.t()
-    if top_k is not None and top_k < num_heads and xs.shape[0] > 0:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    g = torch.softmax(logits, dim=-1)
-    x_drop = xs
-    if p > 0:
-        x_drop = xs * keep_mask(seed, xs.shape[0], d_in, p).double() / (1.0 - p)
-    h = x_drop @ lora_a.t()
-    y = xs @ weight.t()
-    if bias is not None:
-        y = y + bias
-    for k in range(num_heads):
-        y = y + scaling * g[:, k:k + 1] * (h @ lora_b[k].t())
-    return y.reshape(lead + (d_out,)), g.reshape(lead + (num_heads,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +227,7 @@ def check_problem(backend, pb):
     assert g.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
 
     ref = [None if t is None else _leaf(t.detach().cpu().double()) for t in args]
-    y64, g64 = oracle64(*ref, pb["scaling"], p_eff, SEED, pb["top_k"])
+    y64, g64 = ilora_float64(*ref, pb["scaling"], p_eff, SEED, pb["top_k"])
     tol = TOL[dt]
     assert _max_err(y, y64) <= tol, f"y: {_max_err(y, y64)}"
     assert _max_err(g, g64) <= tol, f"g: {_max_err(g, g64)}"

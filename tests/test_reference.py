@@ -28,7 +28,7 @@ CASES = [(shape, top_k) for shape in SHAPES for top_k in (None, 1, 2) if top_k i
 def test_reference_matches_float64(shape, top_k, dropout_p):
     n, d_in, d_out, r, k, lead = shape
     inputs = [t.requires_grad_() if t is not None else None
-              for t in make_inputs(n, d_in, d_out, r, k, dtype=torch.float64, lead=lead)]
+              for t in make_inputs(n, d_in, d_out, k, r, dtype=torch.float64, lead=lead)]
     x, w, b, wr, a, bb = inputs
     torch.manual_seed(7)
     seed = ik.functional._draw_seed() if dropout_p else 0
@@ -46,7 +46,7 @@ def test_reference_matches_float64(shape, top_k, dropout_p):
 
 
 def test_gradcheck_float64():
-    x, w, b, wr, a, bb = (t.requires_grad_() for t in make_inputs(5, 6, 7, 4, 3, dtype=torch.float64, lead=(2,)))
+    x, w, b, wr, a, bb = (t.requires_grad_() for t in make_inputs(5, 6, 7, 3, 4, dtype=torch.float64, lead=(2,)))
     for top_k in (None, 2):
         assert torch.autograd.gradcheck(
             lambda *t, top_k=top_k: ik.ilora_linear(*t, 2.0, top_k=top_k, backend="reference",
@@ -58,7 +58,7 @@ def test_gradcheck_float64():
 
 def test_router_weights_gradient_flows():
     """A loss on the returned router weights reaches router_weight and x (float64 gradcheck)."""
-    x, w, b, wr, a, bb = (t.requires_grad_() for t in make_inputs(4, 5, 3, 2, 3, dtype=torch.float64))
+    x, w, b, wr, a, bb = (t.requires_grad_() for t in make_inputs(4, 5, 3, 3, 2, dtype=torch.float64))
     assert torch.autograd.gradcheck(
         lambda *t: ik.ilora_linear(*t, 2.0, backend="reference", return_router_weights=True)[1] ** 2,
         (x, w, b, wr, a, bb))
@@ -66,7 +66,7 @@ def test_router_weights_gradient_flows():
 
 @pytest.mark.parametrize("routing", ["one_head", "uniform", "skewed", "near_tied"])
 def test_routing_distributions(routing):
-    x, w, b, wr, a, bb = make_inputs(16, 8, 6, 4, 3, dtype=torch.float64, routing=routing)
+    x, w, b, wr, a, bb = make_inputs(16, 8, 6, 3, 4, routing, dtype=torch.float64)
     y, g = ik.ilora_linear(x, w, b, wr, a, bb, 2.0, backend="reference", return_router_weights=True)
     y_ref, g_ref = ilora_float64(x, w, b, wr, a, bb, 2.0)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -79,7 +79,7 @@ def test_routing_distributions(routing):
 
 def test_softmax_in_float32_and_cast_before_multiplying():
     """bf16 activations: g is float32, and the update uses g rounded to bf16 (Crab+ semantics)."""
-    x, w, b, wr, a, bb = make_inputs(9, 16, 8, 4, 3, dtype=torch.bfloat16)
+    x, w, b, wr, a, bb = make_inputs(9, 16, 8, 3, 4, dtype=torch.bfloat16)
     y, g = ik.ilora_linear(x, w, b, wr, a, bb, 2.0, backend="reference", return_router_weights=True)
     assert g.dtype == torch.float32 and y.dtype == torch.bfloat16
     logits = (x @ wr.t()).float()
@@ -123,7 +123,7 @@ def test_dropout_mask_statistics_and_determinism():
 def test_saved_tensors_are_x_h_g_only():
     """Saved for backward: x, h (N, r), g (N, K) and the parameters; nothing of size N x d_out."""
     n, d_in, d_out, r, k = 64, 32, 48, 4, 3
-    x, w, b, wr, a, bb = make_inputs(n, d_in, d_out, r, k)
+    x, w, b, wr, a, bb = make_inputs(n, d_in, d_out, k, r)
     params = {id(t) for t in (w, wr, a, bb)}
     for t in (x, wr, a, bb):
         t.requires_grad_()
@@ -143,7 +143,7 @@ def test_saved_tensors_are_x_h_g_only():
 
 
 def test_empty_batch():
-    x, w, b, wr, a, bb = make_inputs(0, 5, 3, 2, 3, lead=(2,))
+    x, w, b, wr, a, bb = make_inputs(0, 5, 3, 3, 2, lead=(2,))
     for t in (wr, a, bb):
         t.requires_grad_()
     y, g = ik.ilora_linear(x, w, b, wr, a, bb, 2.0, backend="reference", return_router_weights=True)

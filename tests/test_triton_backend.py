@@ -1,4 +1,4 @@
-"""The Triton backend against an independent float64 implementation of SPEC section 1.
+"""The Triton backend against the tests' float64 reference of SPEC section 1 (tests/ilora_float64.py).
 
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.py): float32 and float16 there
 (a bf16 ``tl.dot`` is wrong under the interpreter); bfloat16 and the large shape only with a CUDA device.
@@ -6,13 +6,12 @@ On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import ilora_kernels as ik
 import ilora_kernels.functional as functional
+from ilora_float64 import ilora_float64, make_inputs
 from ilora_kernels._dropout import keep_mask
 
 HAS_CUDA = torch.cuda.is_available()
@@ -28,61 +27,6 @@ else:  # pragma: no cover
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 MODES = ["fused", "cublas", "auto"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the independent float64 oracle (loop over heads; autograd gives the gradients)
-
-
-def oracle(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k):
-    """y (N, d_out) and g (N, K) of SPEC section 1 in x's dtype (float64 for the oracle), one head at a time."""
-    n, d_in = x.shape
-    num_heads = router_weight.shape[0]
-    logits = x @ router_weight.t()
-    if top_k is not None and 0 < top_k < num_heads:
-        vals, idx = logits.topk(top_k, dim=-1)
-        g = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(vals, dim=-1))
-    else:
-        g = torch.softmax(logits, dim=-1)
-    if dropout_p > 0:
-        mask = keep_mask(seed, n, d_in, dropout_p, device=x.device).to(x.dtype)
-        x_drop = x * mask / (1.0 - dropout_p)
-    else:
-        x_drop = x
-    h = x_drop @ lora_a.t()
-    y = x @ weight.t()
-    if bias is not None:
-        y = y + bias
-    for k in range(num_heads):
-        y = y + scaling * g[:, k:k + 1] * (h @ lora_b[k].t())
-    return y, g, h
-
-
-def make_inputs(n, d_in, d_out, k, r, routing="random", dtype=torch.float32, device=DEVICE, bias=True):
-    """Fresh random O(1) inputs (never zeros); ``routing`` shapes the router logits."""
-    gen = torch.Generator().manual_seed(1000 * n + 100 * d_in + 10 * d_out + 7 * k + r)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-    x = rnd(n, d_in)
-    wr = rnd(k, d_in, scale=2.0 / math.sqrt(d_in))
-    if routing == "one_head":      # every token to head 0 (logit gap ~ 25)
-        x[:, 0] = 4.0 + 0.1 * rnd(n)
-        wr = rnd(k, d_in, scale=0.05 / math.sqrt(d_in))
-        wr[:, 0] = -3.0
-        wr[0, 0] = 3.0
-    elif routing == "uniform":     # g ~ 1/K
-        wr = rnd(k, d_in, scale=1e-4)
-    elif routing == "skewed":      # a wide spread of logits
-        wr = rnd(k, d_in, scale=5.0 / math.sqrt(d_in)) * torch.linspace(1.0, 0.2, k, dtype=torch.float64)[:, None]
-    elif routing == "near_tied":   # all heads almost the same router row
-        wr = rnd(1, d_in, scale=1.0 / math.sqrt(d_in)) + rnd(k, d_in, scale=2e-2 / math.sqrt(d_in))
-    w = rnd(d_out, d_in, scale=1.0 / math.sqrt(d_in))
-    b = rnd(d_out) if bias else None
-    a = rnd(r, d_in, scale=1.0 / math.sqrt(d_in))
-    bb = rnd(k, d_out, r, scale=1.0 / math.sqrt(r))
-    return [None if t is None else t.to(device=device, dtype=dtype) for t in (x, w, b, wr, a, bb)]
 
 
 def rel_err(got, want, floor=1e-2):
@@ -109,9 +53,8 @@ def check_against_oracle(inputs, scaling, dropout_p, seed, top_k, run, dtype, dg
     dy = torch.randn(n, d_out, generator=gen, dtype=torch.float64).to(inputs[0].device)
     dgv = torch.randn(n, inputs[3].shape[0], generator=gen, dtype=torch.float64).to(inputs[0].device) if dg else None
 
-    def ora(*t):
-        y, g, _ = oracle(*t, scaling, dropout_p, seed, top_k)
-        return y, g
+    def ora(*t):       # float64 for float64 inputs; the inputs' dtype for torch's own error in that dtype
+        return ilora_float64(*t, scaling, dropout_p, seed, top_k, dtype=t[0].dtype)
 
     y_t, g_t, gr_t = grads_of(run, inputs, dy.to(dtype), None if dgv is None else dgv)
     inputs64 = [None if t is None else t.double() for t in inputs]
@@ -164,7 +107,7 @@ CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
 def test_ilora_linear_triton_matches_float64(case, dtype, mode, ilora_env):
     n, d_in, d_out, k, r, top_k, p, routing = case
     ilora_env(ILORA_TRITON_BASE_GEMM=mode)
-    inputs = make_inputs(n, d_in, d_out, k, r, routing, dtype)
+    inputs = make_inputs(n, d_in, d_out, k, r, routing, dtype, device=DEVICE)
     torch.manual_seed(11)
     seed = functional._draw_seed() if p else 0
 
@@ -177,10 +120,10 @@ def test_ilora_linear_triton_matches_float64(case, dtype, mode, ilora_env):
 
 
 def test_leading_dims_and_no_bias():
-    x, w, _, wr, a, bb = make_inputs(12, 17, 19, 3, 8, "random", torch.float32, bias=False)
+    x, w, _, wr, a, bb = make_inputs(12, 17, 19, 3, 8, "random", torch.float32, bias=False, device=DEVICE)
     x3 = x.view(2, 6, 17)
     y, g = ik.ilora_linear(x3, w, None, wr, a, bb, 2.0, backend="triton", return_router_weights=True)
-    y_o, g_o, _ = oracle(*(t.double() for t in (x, w)), None, *(t.double() for t in (wr, a, bb)), 2.0, 0.0, 0, None)
+    y_o, g_o = ilora_float64(x, w, None, wr, a, bb, 2.0)
     assert y.shape == (2, 6, 19) and g.shape == (2, 6, 3)
     assert rel_err(y.reshape(12, 19), y_o) < 1e-4 and rel_err(g.reshape(12, 3), g_o) < 1e-4
 
@@ -191,7 +134,7 @@ def test_leading_dims_and_no_bias():
 
 def _raw_backward_oracle(inputs, dy, scaling, p, seed, top_k):
     leaves = [None if t is None else t.double().detach().requires_grad_() for t in inputs]
-    y, g, h = oracle(*leaves, scaling, p, seed, top_k)
+    y, g, h = ilora_float64(*leaves, scaling, p, seed, top_k, with_h=True)
     grads = torch.autograd.grad((y * dy.double()).sum(), [leaves[0], leaves[3], leaves[4], leaves[5]])
     return y.detach(), g.detach(), h.detach(), grads
 
@@ -201,7 +144,7 @@ def _raw_backward_oracle(inputs, dy, scaling, p, seed, top_k):
 def test_raw_ops_match_float64(dtype, p, top_k, seed):
     """Seeds above int32, and 1 / 16 (Triton specialises integer arguments equal to 1 or divisible by 16)."""
     n, d_in, d_out, k, r = 33, 40, 70, 3, 8
-    inputs = make_inputs(n, d_in, d_out, k, r, "skewed", dtype)
+    inputs = make_inputs(n, d_in, d_out, k, r, "skewed", dtype, device=DEVICE)
     y, h, g = torch.ops.ilora_kernels.triton_forward(*inputs, 1.5, p, seed, top_k)
     dy = torch.randn(n, d_out, dtype=torch.float64).to(DEVICE)
     y_o, g_o, h_o, grads_o = _raw_backward_oracle(inputs, dy, 1.5, p, seed, top_k)
@@ -251,7 +194,7 @@ def test_dropout_mask_is_the_shared_hash():
 def test_strided_inputs():
     """Non-contiguous x, weight, lora_b and dy are read through their strides."""
     n, d_in, d_out, k, r = 19, 17, 21, 3, 8
-    x, w, b, wr, a, bb = make_inputs(n, d_in, d_out, k, r, "random", torch.float32)
+    x, w, b, wr, a, bb = make_inputs(n, d_in, d_out, k, r, "random", torch.float32, device=DEVICE)
     xs = torch.empty(n, 2 * d_in, device=DEVICE)[:, ::2]
     xs.copy_(x)
     ws = w.t().contiguous().t()
@@ -273,7 +216,7 @@ def test_strided_inputs():
 def test_v_paths(dtype, fused_v, ilora_env):
     """Both ways of getting V = dy B_cat (in-kernel, or a GEMM + the per-token kernel) on a ragged shape."""
     ilora_env(ILORA_TRITON_FUSED_V=fused_v)
-    inputs = make_inputs(37, 40, 70, 3, 32, "skewed", dtype)
+    inputs = make_inputs(37, 40, 70, 3, 32, "skewed", dtype, device=DEVICE)
     check_against_oracle(inputs, 1.1, 0.0, 0, 2,
                          lambda *t: ik.ilora_linear(*t, 1.1, top_k=2, backend="triton", return_router_weights=True),
                          dtype, dg=True)
@@ -283,7 +226,7 @@ def test_v_paths(dtype, fused_v, ilora_env):
 def test_fallback_v_path(dtype, monkeypatch):
     """K r too large for registers: V from a GEMM and the per-token kernel; forced here on a small shape."""
     monkeypatch.setattr(T, "_MAX_FUSED_V", 16)
-    inputs = make_inputs(7, 17, 19, 5, 8, "random", dtype)
+    inputs = make_inputs(7, 17, 19, 5, 8, "random", dtype, device=DEVICE)
 
     def run(*t):
         return ik.ilora_linear(*t, 1.3, dropout_p=0.3, training=True, top_k=2, backend="triton",
@@ -301,7 +244,7 @@ def test_fallback_v_path(dtype, monkeypatch):
 
 def test_large_rank_fallback_default():
     """K = 5, r = 128 exceeds the register budget of the fused V kernel without any patching."""
-    inputs = make_inputs(5, 9, 11, 5, 128, "random", torch.float32)
+    inputs = make_inputs(5, 9, 11, 5, 128, "random", torch.float32, device=DEVICE)
     check_against_oracle(inputs, 0.5, 0.0, 0, None,
                          lambda *t: ik.ilora_linear(*t, 0.5, backend="triton", return_router_weights=True),
                          torch.float32)
@@ -314,7 +257,7 @@ def test_outputs_fully_overwritten(mode, monkeypatch, ilora_env):
     monkeypatch.setattr(T, "_empty", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                               device=device))
     for n, d_in, d_out, k, r in [(33, 40, 70, 3, 8), (7, 5, 3, 1, 1)]:
-        inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.float32)
+        inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.float32, device=DEVICE)
         y, h, g = torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.3, 9, 0)
         assert torch.isfinite(y).all() and torch.isfinite(h).all() and torch.isfinite(g).all()
         x, w, _, wr, a, bb = inputs
@@ -330,7 +273,7 @@ def test_base_gemm_mode_is_validated(ilora_env):
 
 
 def test_opcheck():
-    x, w, b, wr, a, bb = make_inputs(5, 17, 19, 3, 8, "random", torch.float32)
+    x, w, b, wr, a, bb = make_inputs(5, 17, 19, 3, 8, "random", torch.float32, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b, wr, a, bb)]
     torch.library.opcheck(torch.ops.ilora_kernels.triton_forward, (*leaves, 1.5, 0.2, 77, 0))
     torch.library.opcheck(torch.ops.ilora_kernels.triton_forward, (x, w, None, wr, a, bb, 1.5, 0.0, 0, 2))
@@ -350,7 +293,7 @@ def test_opcheck():
 def test_large_bf16_matches_float64(mode, fused_v, ilora_env):
     ilora_env(ILORA_TRITON_BASE_GEMM=mode, ILORA_TRITON_FUSED_V=fused_v)
     n, d_in, d_out, k, r = 4096, 3584, 3584, 3, 128
-    inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.bfloat16)
+    inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.bfloat16, device=DEVICE)
     torch.manual_seed(21)
     seed = functional._draw_seed()
 

@@ -8,7 +8,7 @@ from ilora_float64 import make_inputs
 
 
 def _args(**override):
-    x, w, b, wr, a, bb = make_inputs(4, 6, 5, 3, 2)
+    x, w, b, wr, a, bb = make_inputs(4, 6, 5, 2, 3)
     args = dict(x=x, weight=w, bias=b, router_weight=wr, lora_a=a, lora_b=bb, scaling=2.0)
     args.update(override)
     return args

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..ops.reference import router_probabilities
 from .tasks import METRICS, TASKS
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,11 +336,9 @@ class RouterStats:
             if not torch.is_tensor(x):
                 return
             with torch.no_grad():
-                logits = x.detach().float() @ module.router_weight.detach().float().t()
-                if module.top_k is not None and module.top_k < module.num_heads:
-                    kth = logits.topk(module.top_k, dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                g = torch.softmax(logits, dim=-1)
+                x2d = x.detach().float().reshape(-1, x.shape[-1])
+                g = router_probabilities(x2d, module.router_weight.detach().float(), module.top_k or 0)
+                g = g.reshape(*x.shape[:-1], module.num_heads)
                 ent = -(g * g.clamp_min(1e-12).log()).sum(-1)
                 task_idx = self._task_idx.to(x.device)
                 acc = self.acc[layer_index]

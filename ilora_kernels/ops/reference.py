@@ -20,12 +20,14 @@ from .registry import register
 
 def router_probabilities(x2d: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> torch.Tensor:
     """g = softmax(x W_r^T), (N, K), in float32 (float64 for float64 inputs); with 0 < top_k < K only the top_k
-    largest logits get mass."""
+    largest logits get mass. Ranking: a NaN logit above every number, then larger above smaller, and of equal logits
+    the lower head index first (a stable descending sort; the Triton, C++ and CUDA kernels rank the same way)."""
     logits = x2d @ router_weight.t()
     num_heads = router_weight.shape[0]
     dtype = router_dtype(x2d.dtype)
     if 0 < top_k < num_heads:
-        top_vals, top_idx = logits.topk(top_k, dim=-1)
+        top_vals, top_idx = logits.sort(dim=-1, descending=True, stable=True)
+        top_vals, top_idx = top_vals[:, :top_k], top_idx[:, :top_k]
         g = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
         return g.scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1, dtype=dtype))
     return torch.softmax(logits, dim=-1, dtype=dtype)
