@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import competitors as C
 from benchmarks import run as R
+from benchmarks import runner, timers, train_step
 from benchmarks import suites as S
 
 ACCEPT = C.Case("accept", 1024, 2816, 1024, 16, 3)
@@ -167,20 +168,20 @@ def test_error_rows_do_not_stop_the_suite(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setitem(C.BUILDERS, "broken", broken)
-    rows = R.run_cases([C.Case("t", 32, 48, 8, 4, 3), C.Case("t", 32, 48, 16, 4, 3)], ["base", "broken", "reference"],
-                       torch.device("cpu"), torch.float32, R.CpuTimer(0.001, 1, 2), {"suite": "test"}, R.Budget(None),
-                       lambda rows: None)
+    rows = runner.run_cases([C.Case("t", 32, 48, 8, 4, 3), C.Case("t", 32, 48, 16, 4, 3)],
+                            ["base", "broken", "reference"], torch.device("cpu"), torch.float32,
+                            timers.CpuTimer(0.001, 1, 2), {"suite": "test"}, runner.Budget(None), lambda rows: None)
     assert len(rows) == 6
     assert all("OutOfMemoryError" in r["error"] for r in rows if r["competitor"] == "broken")
     assert all(r.get("fwdbwd_ms") for r in rows if r["competitor"] != "broken")
-    over = R.run_cases([C.Case("t", 32, 48, 8, 4, 3)], ["base"], torch.device("cpu"), torch.float32,
-                       R.CpuTimer(0.001, 1, 2), {}, R.Budget(0.0), lambda rows: None)
+    over = runner.run_cases([C.Case("t", 32, 48, 8, 4, 3)], ["base"], torch.device("cpu"), torch.float32,
+                            timers.CpuTimer(0.001, 1, 2), {}, runner.Budget(0.0), lambda rows: None)
     assert over[0]["error"].startswith("skipped: time budget")
 
 
 def test_training_step_tiny():
     pytest.importorskip("transformers")
-    rows = R.train_step_rows(torch.device("cpu"), torch.float32, {}, R.Budget(None), tiny=True)
+    rows = train_step.train_step_rows(torch.device("cpu"), torch.float32, {}, runner.Budget(None), tiny=True)
     assert len(rows) == 4
     for r in rows:
         assert not r.get("error"), r.get("error")
