@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .ops.registry import BACKENDS
+from .ops import registry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -129,5 +129,5 @@ def validate_hyperparameters(*, r, num_heads, alpha, dropout, top_k=None, backen
         if not 1 <= top_k <= num_heads:
             raise error(f"{name('top_k')} must be {none_word} or in [1, {name('num_heads')}={num_heads}], "
                         f"got {top_k!r}")
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise error(f"{name('backend')} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in ("auto",) + registry.BACKENDS:
+        raise error(f"{name('backend')} must be one of {('auto',) + registry.BACKENDS}, got {backend!r}")

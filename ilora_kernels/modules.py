@@ -64,7 +64,8 @@ class ILoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 return_router_weights: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """x (..., d_in) -> y (..., d_out); with return_router_weights also g (..., K) float32."""
+        """x (..., d_in) -> y (..., d_out); with return_router_weights also g (..., K) float32 (float64 for
+        float64 inputs)."""
         if self.disable_adapter:
             y = self.base_layer(x)
             if return_router_weights:

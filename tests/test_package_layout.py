@@ -192,3 +192,69 @@ def test_good_hyperparameters_pass_everywhere():
     for _, (build, _, _) in _entry_points().items():
         build("top_k", 2)
         build("backend", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a new backend is one module and one table row (docs/kernel_design.md, "Adding a backend")
+
+TOY_BACKEND = '''
+"""A toy backend: the reference math, registered as its own backend."""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ilora_kernels.ops import reference
+from ilora_kernels.ops.contract import attach
+from ilora_kernels.ops.registry import register
+
+
+@torch.library.custom_op("ilora_kernels::toy_layout_test_forward", mutates_args=())
+def toy_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
+                lora_b: Tensor, scaling: float, dropout_p: float, seed: int,
+                top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference.forward(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
+
+
+@torch.library.custom_op("ilora_kernels::toy_layout_test_backward", mutates_args=())
+def toy_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                 h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int,
+                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = reference.backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed,
+                               output_mask)
+    return tuple(t if t is not None else x.new_empty(0) for t in grads)
+
+
+register("toy", attach("ilora_kernels::toy_layout_test_forward", "ilora_kernels::toy_layout_test_backward"))
+'''
+
+
+def test_a_new_backend_is_one_module_and_one_row(tmp_path, monkeypatch):
+    import torch
+
+    from ilora_float64 import ilora_float64, make_inputs
+
+    (tmp_path / "toy_layout_backend.py").write_text(TOY_BACKEND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    row = registry.Backend("toy", "toy_layout_backend", ("cpu",), registry.ALL_DTYPES, ("cpu",), "a test backend")
+    table = (row,) + registry.BACKEND_TABLE              # first row: "auto" prefers it on CPU
+    monkeypatch.setattr(registry, "BACKEND_TABLE", table)
+    # the names derived from the table, as the module derives them
+    monkeypatch.setattr(registry, "BACKENDS", tuple(r.name for r in table))
+    monkeypatch.setattr(registry, "_ROWS", {r.name: r for r in table})
+    monkeypatch.setattr(registry, "_resolved", {})
+
+    assert registry.available_backends()["toy"] is None
+    assert registry.resolve("auto", "cpu", torch.float32) == "toy"
+    with pytest.raises(ValueError, match="backend='toy' needs cpu tensors"):
+        registry.resolve("toy", "cuda", torch.float32)
+    layer = ik.ILoRALinear(torch.nn.Linear(6, 5), r=3, num_heads=2, alpha=6.0, dropout=0.0, backend="toy")
+    assert ik.ILoRAConfig(backend="toy").backend == "toy"
+    x, w, b, wr, a, bb = make_inputs(7, 6, 5, 2, 3, dtype=torch.float64, seed=3)
+    leaves = [t.requires_grad_() for t in (x, wr, a, bb)]
+    y = ik.ilora_linear(leaves[0], w, b, *leaves[1:], 2.0, backend="toy")
+    y64, _ = ilora_float64(*[t.detach() for t in (x, w, b, wr, a, bb)], 2.0)
+    torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    assert layer(torch.randn(4, 6)).shape == (4, 5)
