@@ -198,34 +198,12 @@ def test_good_hyperparameters_pass_everywhere():
 # a new backend is one module and one table row (docs/kernel_design.md, "Adding a backend")
 
 TOY_BACKEND = '''
-"""A toy backend: the reference math, registered as its own backend."""
-from typing import List, Optional, Tuple
-
-import torch
-from torch import Tensor
-
+"""A toy backend: the reference math under its own ops."""
 from ilora_kernels.ops import reference
-from ilora_kernels.ops.contract import attach
+from ilora_kernels.ops.contract import define
 from ilora_kernels.ops.registry import register
 
-
-@torch.library.custom_op("ilora_kernels::toy_layout_test_forward", mutates_args=())
-def toy_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
-                lora_b: Tensor, scaling: float, dropout_p: float, seed: int,
-                top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    return reference.forward(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
-
-
-@torch.library.custom_op("ilora_kernels::toy_layout_test_backward", mutates_args=())
-def toy_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                 h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int,
-                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = reference.backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed,
-                               output_mask)
-    return tuple(t if t is not None else x.new_empty(0) for t in grads)
-
-
-register("toy", attach("ilora_kernels::toy_layout_test_forward", "ilora_kernels::toy_layout_test_backward"))
+register("toy", define("toy_layout_test", reference.forward, reference.backward))
 '''
 
 
@@ -258,3 +236,4 @@ def test_a_new_backend_is_one_module_and_one_row(tmp_path, monkeypatch):
     y.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     assert layer(torch.randn(4, 6)).shape == (4, 5)
+    torch.library.opcheck(torch.ops.ilora_kernels.toy_layout_test_forward, (x, w, b, wr, a, bb, 2.0, 0.1, 5, 1))

@@ -7,10 +7,12 @@ A backend is a pair of ``torch.library`` custom ops on flattened 2-D activations
     <b>_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
         -> (dx, d_router_weight, d_lora_a, d_lora_b)      (empty tensors where output_mask is False)
 
-``top_k = 0`` means dense routing; ``seed`` picks the dropout mask (``ilora_kernels._dropout``). ``attach``
-registers the shared fake (meta) implementations and the shared autograd (``setup_context`` + ``backward_body``)
-on the pair, so ``torch.compile`` and ``torch.library.opcheck`` see ordinary ops, and returns the ``OpPair`` that the
-backend registers (``ops.registry.register``). Saved for backward: x, h, g and the seed, never the dropout mask.
+``top_k = 0`` means dense routing; ``seed`` picks the dropout mask (``ilora_kernels._dropout``). ``define`` turns two
+Python functions with these arguments into the pair (``FORWARD_SCHEMA`` / ``BACKWARD_SCHEMA``; compiled backends
+declare the same schemas in ``csrc/op_schemas.h``); ``attach`` registers the shared fake (meta) implementations and
+the shared autograd (``setup_context`` + ``backward_body``) on a pair, so ``torch.compile`` and
+``torch.library.opcheck`` see ordinary ops, and returns the ``OpPair`` that the backend registers
+(``ops.registry.register``). Saved for backward: x, h, g and the seed, never the dropout mask.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Callable
 
 import torch
 
-__all__ = ["OpPair", "attach", "backward_body", "fake_backward", "fake_forward", "router_dtype", "setup_context"]
+__all__ = ["BACKWARD_SCHEMA", "FORWARD_SCHEMA", "OpPair", "attach", "backward_body", "define", "fake_backward",
+           "fake_forward", "router_dtype", "setup_context"]
+
+FORWARD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor router_weight, Tensor lora_a, Tensor lora_b, "
+                  "float scaling, float dropout_p, int seed, int top_k) -> (Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor router_weight, Tensor lora_a, Tensor lora_b, Tensor h, "
+                   "Tensor g, float scaling, float dropout_p, int seed, bool[] output_mask) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
@@ -104,3 +113,16 @@ def attach(forward_name: str, backward_name: str) -> OpPair:
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
     return OpPair(forward_op, backward_op, forward_op.default, backward_op.default)
+
+
+def define(name: str, forward: Callable, backward: Callable) -> OpPair:
+    """Defines ``ilora_kernels::<name>_forward`` and ``ilora_kernels::<name>_backward`` from two Python functions
+    that take the contract's arguments (``backward`` may return None for a gradient ``output_mask`` leaves out: it
+    becomes the contract's empty tensor), attaches them (``attach``) and returns their ``OpPair``."""
+    def backward_op(dy, x, *rest):
+        return tuple(x.new_empty(0) if t is None else t for t in backward(dy, x, *rest))
+
+    forward_name, backward_name = f"ilora_kernels::{name}_forward", f"ilora_kernels::{name}_backward"
+    torch.library.custom_op(forward_name, forward, mutates_args=(), schema=FORWARD_SCHEMA)
+    torch.library.custom_op(backward_name, backward_op, mutates_args=(), schema=BACKWARD_SCHEMA)
+    return attach(forward_name, backward_name)

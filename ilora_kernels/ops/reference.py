@@ -1,20 +1,18 @@
 """The reference backend: plain PyTorch that *is* the specification (SPEC section 1).
 
-``forward`` and ``backward`` work on flattened 2-D activations; this module wraps them as the
-``ilora_kernels::reference_forward`` / ``reference_backward`` custom ops of the op contract and registers them.
+``forward`` and ``backward`` work on flattened 2-D activations; this module makes them the
+``ilora_kernels::reference_forward`` / ``reference_backward`` ops of the op contract (``contract.define``) and
+registers them.
 Saved for backward: x, h (N, r), g (N, K) and the dropout seed; never a per-head (N, d_out) tensor.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .._dropout import apply_dropout
-from .contract import attach, router_dtype
+from .contract import define, router_dtype
 from .registry import register
 
 
@@ -83,19 +81,4 @@ def backward(dy, x2d, weight, router_weight, lora_a, lora_b, h, g, scaling: floa
     return dx, d_router, d_lora_a, d_lora_b
 
 
-@torch.library.custom_op("ilora_kernels::reference_forward", mutates_args=())
-def _reference_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
-                       lora_b: Tensor, scaling: float, dropout_p: float, seed: int,
-                       top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    return forward(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
-
-
-@torch.library.custom_op("ilora_kernels::reference_backward", mutates_args=())
-def _reference_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                        h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int,
-                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
-    return tuple(t if t is not None else x.new_empty(0) for t in grads)
-
-
-register("reference", attach("ilora_kernels::reference_forward", "ilora_kernels::reference_backward"))
+register("reference", define("reference", forward, backward))

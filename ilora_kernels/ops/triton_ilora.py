@@ -25,14 +25,14 @@ computed here in uint32 arithmetic, which wraps exactly like the reference's int
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import settings
 from .._dropout import keep_threshold, seed32
-from .contract import attach
+from .contract import define
 from .reference import concat_heads, routed_activations
 from .registry import BackendUnavailable, register
 
@@ -624,22 +624,4 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, d_router, d_lora_a, d_lora_b))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the custom ops
-
-
-@torch.library.custom_op("ilora_kernels::triton_forward", mutates_args=())
-def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
-                    lora_b: Tensor, scaling: float, dropout_p: float, seed: int,
-                    top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    return forward_impl(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
-
-
-@torch.library.custom_op("ilora_kernels::triton_backward", mutates_args=())
-def _triton_backward(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                     h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int,
-                     output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backward_impl(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
-
-
-register("triton", attach("ilora_kernels::triton_forward", "ilora_kernels::triton_backward"))
+register("triton", define("triton", forward_impl, backward_impl))
