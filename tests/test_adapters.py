@@ -125,3 +125,23 @@ def test_crab_import_errors():
         ik.load_crab_state_dict(holder, bad)
     with pytest.raises(ValueError, match=r"lora_B0.weight has shape \(6, 3\)"):
         ik.load_crab_state_dict(holder, {**good, "proj.lora_B0.weight": torch.zeros(6, 3)})
+
+
+def test_the_trainer_fsdp_writer_is_save_ilora(tmp_path):
+    """The trainer's FSDP checkpoint path (a gathered state dict with wrapper prefixes) writes the save_ilora format
+    through the one writer: checksummed, loadable, and refused when an I-LoRA tensor is missing."""
+    from ilora_kernels.crab.train import _save_adapter_state
+
+    model = _patched(seed=3)
+    wanted = ik.adapters.adapter_state_dict(model)
+    gathered = {f"_fsdp_wrapped_module.{k}": v.clone() for k, v in wanted.items()}
+    gathered["_fsdp_wrapped_module.model.embed_tokens.weight"] = torch.zeros(3)   # frozen base: not written
+    _save_adapter_state(model, gathered, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    assert meta["format"] == "ilora" and len(meta["weights_sha256"]) == 64
+    reloaded = ik.load_ilora(tiny_qwen2(), tmp_path / "ckpt")
+    for k, v in ik.adapters.adapter_state_dict(reloaded).items():
+        assert torch.equal(v, wanted[k])
+    gathered.pop(next(iter(gathered)))
+    with pytest.raises(RuntimeError, match="FSDP state dict lacks 1 I-LoRA tensors"):
+        _save_adapter_state(model, gathered, tmp_path / "ckpt2")

@@ -190,3 +190,27 @@ def test_peft_version_pin():
 def test_peft_version_override(ilora_env):
     ilora_env(ILORA_ALLOW_UNTESTED_PEFT="1")
     assert pi.check_peft_version("0.23.0") == "0.23.0"
+
+
+def test_save_as_peft_writes_through_the_checksummed_writer(base, tmp_path):
+    """save_as_peft is atomic and records the weights' checksum; the PEFT readers refuse weights that do not match."""
+    from safetensors.torch import load_file, save_file
+
+    ours = ik.apply_ilora(copy.deepcopy(base), _ilora_config())
+    _randomise_ilora(ours)
+    folder = pi.save_as_peft(ours, tmp_path / "peft")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["ilora_num_heads"] == 3 and len(meta["weights_sha256"]) == 64
+    pi.load_peft_adapter(copy.deepcopy(base), folder)        # matches: loads
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0                        # another save's weights beside this config
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"does not match .*\(an interrupted save_as_peft\?\)"):
+        pi.load_peft_adapter(copy.deepcopy(base), folder)
+    ik.save_ilora(ours, tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "ours" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"from_pretrained: .* does not match"):
+        pi.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
