@@ -25,6 +25,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from .tasks import TASKS
+
 __all__ = ["DEMO_TASKS", "DEMO_CLASSES", "DEMO_CHOICES", "write_demo_dataset", "demo_vocabulary", "extract_answer"]
 
 DEMO_TASKS = ("ave", "avqa", "ks", "a2v")
@@ -191,12 +193,18 @@ def _write_audio(path: Path, wave: np.ndarray):
 
 # ------------------------------------------------------------------------------------------------------ writer
 def _make_sample(task: str, i: int, split: str, tdir: Path, rng: np.random.Generator) -> dict:
+    """One sample's JSON record (media written under ``tdir``); the target goes to the task registry's field."""
+    fields, target = _sample_and_target(task, i, split, tdir, rng)
+    return {**fields, TASKS[task].target_field: target}
+
+
+def _sample_and_target(task: str, i: int, split: str, tdir: Path, rng: np.random.Generator):
     stem = f"{split}_{i:04d}"
     c = DEMO_CLASSES[int(rng.integers(len(DEMO_CLASSES)))]
     if task == "ks":
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "label": _ks_target(c), "class": c.name}
+        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "class": c.name}, _ks_target(c)
     if task == "ave":
         s = int(rng.integers(0, N_SEGMENTS))
         e = int(rng.integers(s + 1, N_SEGMENTS + 1))
@@ -212,14 +220,14 @@ def _make_sample(task: str, i: int, split: str, tdir: Path, rng: np.random.Gener
         audible = ((seg_of_sample >= s) & (seg_of_sample < e)).astype(np.float32)
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, len(seg_of_frame), rng, visible))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, seconds, rng, audible))
-        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "label_content": _ave_target(c, s, e),
-                "event": c.name, "segments": [s, e]}
+        return ({"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "event": c.name, "segments": [s, e]},
+                _ave_target(c, s, e))
     if task == "avqa":
         kind = list(AVQA_QUESTIONS)[int(rng.integers(len(AVQA_QUESTIONS)))]
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "question": AVQA_QUESTIONS[kind],
-                "question_type": kind, "label": _avqa_target(c, kind)}
+        return ({"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "question": AVQA_QUESTIONS[kind],
+                 "question_type": kind}, _avqa_target(c, kind))
     if task == "a2v":
         others = [o for o in DEMO_CLASSES if o is not c]
         other = others[int(rng.integers(len(others)))]
@@ -228,8 +236,8 @@ def _make_sample(task: str, i: int, split: str, tdir: Path, rng: np.random.Gener
         _write_video(tdir / "video" / f"{stem}_1.mp4", _frames(first, FPS, rng))
         _write_video(tdir / "video" / f"{stem}_2.mp4", _frames(second, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return {"video1_path": f"{stem}_1.mp4", "video2_path": f"{stem}_2.mp4", "audio_path": f"{stem}.wav",
-                "label": _a2v_target(c, other, which)}
+        return ({"video1_path": f"{stem}_1.mp4", "video2_path": f"{stem}_2.mp4", "audio_path": f"{stem}.wav"},
+                _a2v_target(c, other, which))
     raise ValueError(f"write_demo_dataset: no demo generator for task {task!r} (available: {DEMO_TASKS})")
 
 
