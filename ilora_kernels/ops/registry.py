@@ -63,7 +63,8 @@ _lock = threading.RLock()
 
 
 def register(name: str, ops: OpPair) -> None:
-    """Called by a backend module: ``ops`` (from ``contract.attach``) now serve backend ``name``."""
+    """Called by a backend module: ``ops`` (from ``contract.define`` or ``contract.attach``) now serve backend
+    ``name``."""
     if name not in _ROWS:
         raise KeyError(f"register: {name!r} has no row in BACKEND_TABLE")
     registered[name] = ops
@@ -101,13 +102,20 @@ def _load(name: str) -> Optional[str]:
         return reason
 
 
-def backend_ops(name: str) -> OpPair:
-    """The ops of an available backend (imports its module on first use); raises with the reason otherwise."""
-    if name not in _ROWS:
+def _available_row(name: str) -> Backend:
+    """The row of backend ``name`` once its module is loaded; raises naming the choices or the reason."""
+    row = _ROWS.get(name) if isinstance(name, str) else None
+    if row is None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     reason = _load(name)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
+    return row
+
+
+def backend_ops(name: str) -> OpPair:
+    """The ops of an available backend (imports its module on first use); raises with the reason otherwise."""
+    _available_row(name)
     return registered[name]
 
 
@@ -129,12 +137,7 @@ def resolve(backend: str, device: str, dtype: torch.dtype) -> str:
             if (row.auto_on is None or device in row.auto_on) and dtype in row.dtypes and _load(row.name) is None:
                 return row.name
         raise RuntimeError(f"no backend runs {dtype} tensors on {device}")  # pragma: no cover - reference always
-    row = _ROWS.get(backend) if isinstance(backend, str) else None
-    if row is None:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    reason = _load(backend)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
+    row = _available_row(backend)
     if dtype not in row.dtypes:
         raise TypeError(f"backend={backend!r} supports {_dtype_names(row.dtypes)}; x has dtype {dtype}")
     if row.devices is not None and device not in row.devices:
