@@ -14,8 +14,9 @@ import os
 import re
 from typing import Dict, List
 
+from .competitors import OURS
+
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
-OURS = ("reference", "cpu", "cuda", "triton", "triton-fused", "triton-cublas")
 
 
 def _num(v):
