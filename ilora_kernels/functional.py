@@ -134,7 +134,7 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
     also g (..., K) in float32 (float64 for float64 inputs). Dropout (on the adapter input only) is applied when
     ``training`` is true; its mask comes from a seed drawn from torch's default CPU generator, so
     ``torch.manual_seed`` makes it reproducible. ``top_k`` (None = dense) keeps the top_k largest router logits
-    per token. ``backend``: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends``).
+    per token. ``backend``: "auto" or a name of ``BACKENDS`` (see ``available_backends``).
 
     Compiles with ``torch.compile`` without graph breaks (inference and training, dropout included), and the
     inference path (``training=False`` or ``dropout_p=0``) has no host synchronisation and no data-dependent

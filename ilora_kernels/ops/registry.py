@@ -39,8 +39,8 @@ class Backend:
 
 
 BACKEND_TABLE: Tuple[Backend, ...] = (
-    Backend("triton", "ilora_kernels.ops.triton_ilora", ("cuda", "cpu"), ALL_DTYPES[:3], ("cuda",),
-            "Triton kernels (CPU tensors only under TRITON_INTERPRET=1)"),
+    Backend("triton", "ilora_kernels.ops.triton_ilora", ("cuda",), ALL_DTYPES[:3], ("cuda",),
+            "Triton kernels (on CPU tensors too under TRITON_INTERPRET=1)"),
     Backend("cuda", "ilora_kernels.ops.compiled", ("cuda",), ALL_DTYPES, ("cuda",),
             "C++/CUDA kernels of ilora_kernels._C"),
     Backend("cpu", "ilora_kernels.ops.compiled", ("cpu",), ALL_DTYPES, ("cpu",),
@@ -57,16 +57,20 @@ class BackendUnavailable(ImportError):
 
 
 registered: Dict[str, OpPair] = {}       # the ops of every backend loaded so far, by name
+_devices: Dict[str, Tuple[str, ...]] = {}  # the device types a loaded backend takes, where not its row's
 _reasons: Dict[str, str] = {}
 _failed_modules: Dict[str, str] = {}
 _lock = threading.RLock()
 
 
-def register(name: str, ops: OpPair) -> None:
+def register(name: str, ops: OpPair, devices: Optional[Tuple[str, ...]] = None) -> None:
     """Called by a backend module: ``ops`` (from ``contract.define`` or ``contract.attach``) now serve backend
-    ``name``."""
+    ``name``. ``devices``: the device types this process's build takes when they differ from the row's (the Triton
+    interpreter runs on CPU tensors); ``auto`` still follows the row."""
     if name not in _ROWS:
         raise KeyError(f"register: {name!r} has no row in BACKEND_TABLE")
+    if devices is not None:
+        _devices[name] = tuple(devices)
     registered[name] = ops
 
 
@@ -140,8 +144,9 @@ def resolve(backend: str, device: str, dtype: torch.dtype) -> str:
     row = _available_row(backend)
     if dtype not in row.dtypes:
         raise TypeError(f"backend={backend!r} supports {_dtype_names(row.dtypes)}; x has dtype {dtype}")
-    if row.devices is not None and device not in row.devices:
-        raise ValueError(f"backend={backend!r} needs {' or '.join(row.devices)} tensors, but x is on {device}")
+    devices = _devices.get(backend, row.devices)
+    if devices is not None and device not in devices:
+        raise ValueError(f"backend={backend!r} needs {' or '.join(devices)} tensors, but x is on {device}")
     return backend
 
 

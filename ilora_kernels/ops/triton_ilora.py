@@ -485,15 +485,8 @@ def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
                                  EVEN_K=even_k)
 
 
-def _check_device(x: Tensor) -> None:
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"backend='triton' needs cuda tensors (cpu tensors only under TRITON_INTERPRET=1), but x "
-                         f"is on {x.device.type}")
-
-
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
                  lora_b: Tensor, scaling: float, dropout_p: float, seed: int, top_k: int):
-    _check_device(x)
     n, d_in = x.shape
     d_out = weight.shape[0]
     num_heads, rank = router_weight.shape[0], lora_a.shape[0]
@@ -535,7 +528,6 @@ _MAX_FUSED_V = 512      # fp32 columns of V kept in registers per token block
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                   h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int, output_mask: List[bool]):
-    _check_device(x)
     need_dx, need_dwr, need_da, need_db = (bool(m) for m in output_mask)
     n, d_in = x.shape
     num_heads, d_out, rank = lora_b.shape
@@ -624,4 +616,5 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, d_router, d_lora_a, d_lora_b))
 
 
-register("triton", define("triton", forward_impl, backward_impl))
+register("triton", define("triton", forward_impl, backward_impl),
+         devices=("cuda", "cpu") if _INTERPRET else None)
