@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# the oldest PEFT in ilora_kernels.peft_integration.SUPPORTED_PEFT: its tests also run against it (requirements-dev pins
+# the newest)
+PEFT_OLDEST ?= 0.19.1
 # CUDA toolkit for the CUDA kernels (compiled and linked even without a GPU); empty = CPU kernels only
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export MAX_JOBS ?= 2
@@ -18,7 +21,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: demo demo-kernels test lint dist bench-cpu gpu-check env sanitize clean
+.PHONY: demo demo-kernels test test-peft-oldest lint dist bench-cpu gpu-check env sanitize clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +42,16 @@ demo: $(VENV)/.built
 demo-kernels: $(VENV)/.built
 	$(PY) -m ilora_kernels.demo
 
+# the PEFT tests once more against the oldest supported PEFT, installed beside the venv's (no dependency changes)
+$(VENV)/peft-$(PEFT_OLDEST)/.done: $(VENV)/.deps
+	$(PY) -m pip install -q --no-deps --target $(VENV)/peft-$(PEFT_OLDEST) peft==$(PEFT_OLDEST)
+	touch $@
+
+test-peft-oldest: $(VENV)/.built $(VENV)/peft-$(PEFT_OLDEST)/.done
+	PYTHONPATH=$(VENV)/peft-$(PEFT_OLDEST) $(PY) -c "import peft; assert peft.__version__ == '$(PEFT_OLDEST)', peft.__file__"
+	PYTHONPATH=$(VENV)/peft-$(PEFT_OLDEST) $(PY) -m pytest -q -p no:cacheprovider tests/test_peft_method.py \
+		tests/test_peft_interop.py
+
 lint: $(VENV)/.built
 	$(PY) -m ruff check .
 
@@ -49,6 +62,7 @@ test: $(VENV)/.built
 	$(PY) -m ruff check .
 	@if [ -n "$(CUDA_HOME)" ]; then bash scripts/check_cuda_sources.sh; fi
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-peft-oldest
 	$(PY) -m pytest -q benchmarks --benchmark-disable
 	PYTHON=$(PY) SANITIZE_K="$(SANITIZE_QUICK)" bash scripts/sanitize_cuda_emulation.sh
 

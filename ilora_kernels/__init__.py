@@ -1,5 +1,6 @@
 """ilora-kernels: fused kernels, modules and patching for Interaction-aware LoRA (I-LoRA)."""
 
+from . import _peft_hook
 from ._version import __version__
 from .adapters import export_crab_state_dict, load_crab_state_dict, load_ilora, save_ilora
 from .config import CRAB_PLUS_TARGETS, ILoRAConfig
@@ -12,3 +13,5 @@ __all__ = [
     "export_crab_state_dict", "ilora_layers", "ilora_linear", "load_crab_state_dict", "load_ilora", "remove_ilora",
     "save_ilora",
 ]
+
+_peft_hook.install()  # PEFT learns the "ILORA" method when it is imported (see ilora_kernels.peft_integration)

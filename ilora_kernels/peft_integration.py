@@ -1,14 +1,17 @@
-"""I-LoRA inside PEFT: ``get_peft_model(model, ILoRAPeftConfig(...))`` builds layers that run our kernels.
+"""I-LoRA as a PEFT method of its own: ``peft_type="ILORA"``, config ``ILoRAPeftConfig``, tuner ``ILoRAPeftModel``.
 
-Route: PEFT's experimental custom-module API. ``ILoRAPeftConfig`` is a ``LoraConfig`` (``peft_type`` LORA) with three
-extra fields (``ilora_num_heads``, ``ilora_top_k``, ``ilora_backend``) that registers ``ILoRAPeftLinear`` for every
-targeted ``nn.Linear`` through ``LoraConfig._register_custom_module``. Each I-LoRA PEFT layer holds, per adapter,
+``register_peft_method()`` adds the method to PEFT's registry; ``import ilora_kernels`` arranges for it to run as
+soon as PEFT itself is imported (or at once if it already is), so the usual PEFT calls work on I-LoRA adapters:
+``get_peft_model(model, ILoRAPeftConfig(...))``, ``save_pretrained``, ``PeftModel.from_pretrained``,
+``load_adapter`` (more adapters), ``set_adapter``, ``delete_adapter``, ``disable_adapter``, ``unload`` and the HF
+Trainer's adapter-only checkpoints. Saved folders say ``"peft_type": "ILORA"``: PEFT without this package refuses
+them (``KeyError: 'ILORA'``) instead of building a plain LoRA. Each I-LoRA PEFT layer holds, per adapter,
 
     lora_A[adapter]       nn.Linear(d_in, r)      weight (r, d_in)         = ILoRALinear.lora_a
     lora_route[adapter]   nn.Linear(d_in, K)      weight (K, d_in)         = ILoRALinear.router_weight
     lora_B{i}[adapter]    nn.Linear(r, d_out)     weight (d_out, r), i < K = ILoRALinear.lora_b[i]
 
-so ``PeftModel.save_pretrained`` writes exactly the Crab / HydraLoRA checkpoint layout
+so ``save_pretrained`` writes exactly the Crab / HydraLoRA checkpoint layout
 (``base_model.model.<module>.lora_A.weight``, ``.lora_B{i}.weight``, ``.lora_route.weight``), which
 ``ilora_kernels.load_crab_state_dict`` reads. Conversions in both directions:
 
@@ -17,13 +20,15 @@ so ``PeftModel.save_pretrained`` writes exactly the Crab / HydraLoRA checkpoint 
     from_pretrained(base_model, path)    PEFT or save_ilora folder -> PeftModel with I-LoRA layers
     load_peft_config(path)               adapter_config.json (PEFT or ours) -> ILoRAPeftConfig
 
-Limits (PEFT marks the custom-module API experimental; only the versions in ``SUPPORTED_PEFT`` are tested):
-nn.Linear targets only; no merging (routing depends on the input, so ``merge``/``merge_and_unload`` raise; ``unload``
+Folders written before the method had its own type (``"peft_type": "LORA"`` with ``ilora_num_heads``) load through
+``from_pretrained`` / ``load_peft_adapter`` / ``load_peft_config`` here (plain ``PeftModel.from_pretrained`` reads
+them as LoRA, as it always did).
+
+Limits: nn.Linear targets only; no merging (routing depends on the input, so ``merge_adapter``,
+``merge_and_unload`` and ``add_weighted_adapter`` raise ``NotImplementedError`` and change nothing; ``unload``
 works); no mixed-batch ``adapter_names``; no DoRA, rsLoRA, ``lora_bias``, ``fan_in_fan_out``, quantized base
 layers, or non-boolean ``init_lora_weights``; several active adapters at once work, but only the first runs the
-fused kernel (the others add a plain-PyTorch delta). A checkpoint saved from PEFT loads into plain PEFT only through
-``from_pretrained`` here (or with ``config=load_peft_config(path)``): plain ``PeftModel.from_pretrained`` would build
-ordinary LoRA layers and report the ``lora_B{i}`` / ``lora_route`` keys as unexpected.
+fused kernel (the others add a plain-PyTorch delta). PEFT versions: ``SUPPORTED_PEFT``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from torch import nn
 
 from . import settings
 
-SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # [lower, upper): the custom-module and update_layer(config=...) API we use
+SUPPORTED_PEFT = ("0.19.0", "0.22.0")  # [lower, upper): tested; 0.18 lacks the update_layer(config=...) API we use
 _OVERRIDE_ENV = "ILORA_ALLOW_UNTESTED_PEFT"
 
 
@@ -75,8 +80,9 @@ def check_peft_version(version: Optional[str] = None) -> str:
 PEFT_VERSION = check_peft_version()
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
 from peft.utils import set_peft_model_state_dict  # noqa: E402
+from peft.utils.peft_types import PeftType  # noqa: E402
 
 from ._validation import validate_hyperparameters  # noqa: E402
 from .adapters import (  # noqa: E402
@@ -90,11 +96,33 @@ from .adapters import (  # noqa: E402
 from .config import ILoRAConfig  # noqa: E402
 from .functional import ilora_linear  # noqa: E402
 from .ops.reference import concat_heads, routed_activations, router_probabilities  # noqa: E402
-from .patching import apply_ilora, get_ilora_config, ilora_layers  # noqa: E402
+from .patching import apply_ilora, get_ilora_config, ilora_layers, remove_ilora  # noqa: E402
 
-__all__ = ["ILoRAPeftConfig", "ILoRAPeftLinear", "PEFT_VERSION", "SUPPORTED_PEFT", "check_peft_version",
-           "from_pretrained", "ilora_config_from_peft", "load_peft_adapter", "load_peft_config",
-           "peft_config_from_ilora", "save_as_peft"]
+__all__ = ["ILoRAPeftConfig", "ILoRAPeftLinear", "ILoRAPeftModel", "PEFT_TYPE", "PEFT_VERSION", "SUPPORTED_PEFT",
+           "check_peft_version", "from_pretrained", "ilora_config_from_peft", "load_peft_adapter", "load_peft_config",
+           "peft_config_from_ilora", "register_peft_method", "save_as_peft", "to_peft_model"]
+
+
+def _peft_type_member(name: str) -> PeftType:
+    """``PeftType[name]``, added to PEFT's ``PeftType`` enum first if it is not there (PEFT registers new methods
+    only under names of that enum)."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType
+    if hasattr(PeftType, "_add_member_"):  # Python >= 3.13
+        PeftType._add_member_(name, member)
+    else:
+        member._sort_order_ = len(PeftType._member_names_)
+        PeftType._member_map_[name] = member
+        PeftType._member_names_.append(name)
+        type.__setattr__(PeftType, name, member)
+    PeftType._value2member_map_[name] = member
+    return member
+
+
+PEFT_TYPE = _peft_type_member("ILORA")
 
 _PEFT_PREFIX = "base_model.model."
 # the hyperparameters under their LoraConfig / ILoRAPeftConfig field names
@@ -104,7 +132,8 @@ _PEFT_FIELD_NAMES = {"num_heads": "ilora_num_heads", "alpha": "lora_alpha", "dro
 
 @dataclass
 class ILoRAPeftConfig(LoraConfig):
-    """A ``LoraConfig`` whose targeted ``nn.Linear`` layers become I-LoRA layers (``ILoRAPeftLinear``).
+    """The config of PEFT's I-LoRA method (``peft_type="ILORA"``): targeted ``nn.Linear`` layers become I-LoRA layers
+    (``ILoRAPeftLinear``). It extends ``LoraConfig``, so every LoRA option keeps its meaning where I-LoRA has it.
 
     ``r``, ``lora_alpha`` (scaling = lora_alpha / r), ``lora_dropout`` and ``target_modules`` keep their PEFT
     meaning; ``ilora_num_heads`` is K, ``ilora_top_k`` the optional top-k routing (None = dense), ``ilora_backend``
@@ -118,6 +147,7 @@ class ILoRAPeftConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.peft_type = PEFT_TYPE
         validate_hyperparameters(r=self.r, num_heads=self.ilora_num_heads, alpha=self.lora_alpha,
                                  dropout=self.lora_dropout, top_k=self.ilora_top_k, backend=self.ilora_backend,
                                  prefix="ILoRAPeftConfig.", names=_PEFT_FIELD_NAMES)
@@ -255,6 +285,40 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         return "ilora." + super().__repr__()
 
 
+class ILoRAPeftModel(LoraModel):
+    """PEFT's tuner for ``peft_type="ILORA"``: LoRA's tuner building ``ILoRAPeftLinear`` layers, without the
+    operations that need an input-independent delta weight (merging, weighted combinations), which raise
+    ``NotImplementedError`` before anything changes."""
+
+    prefix: str = "lora_"
+
+    def _check_merge_allowed(self):
+        raise NotImplementedError("I-LoRA adapters cannot be merged into the base weights: the router mixes the B "
+                                  "heads per token. Use unload() to drop the adapters, or keep the PeftModel.")
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs) -> None:
+        raise NotImplementedError("add_weighted_adapter is not available for I-LoRA adapters: a weighted sum of "
+                                  "routed adapters is not an I-LoRA adapter (each has its own router). Nothing "
+                                  "was changed.")
+
+
+def register_peft_method() -> None:
+    """Registers I-LoRA in PEFT's method registry (``peft_type="ILORA"``: ``ILoRAPeftConfig``, ``ILoRAPeftModel``).
+    Idempotent. ``import ilora_kernels`` calls it when PEFT gets imported."""
+    from peft import mapping
+
+    if mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is ILoRAPeftModel:
+        return
+    # PEFT's register_peft_method refuses a second method with the prefix "lora_"; the I-LoRA parameters are LoRA's
+    # (lora_A, lora_B<i>, plus lora_route), so the mappings are filled in directly
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = ILoRAPeftConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = ILoRAPeftModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = ILoRAPeftModel.prefix
+
+
+register_peft_method()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # configs and files
 
@@ -304,9 +368,11 @@ def load_peft_config(path: Union[str, os.PathLike]) -> ILoRAPeftConfig:
     meta = _read_json(folder)
     if meta.get("format") == "ilora":
         return peft_config_from_ilora(ILoRAConfig.from_dict(meta))
-    if str(meta.get("peft_type", "")).upper() != "LORA" or "ilora_num_heads" not in meta:
-        raise ValueError(f"{folder / CONFIG_NAME} is not an I-LoRA adapter config (no 'ilora_num_heads'; "
-                         f"peft_type={meta.get('peft_type')!r})")
+    peft_type = str(meta.get("peft_type", "")).upper()
+    legacy = peft_type == "LORA" and "ilora_num_heads" in meta  # written before I-LoRA had its own PEFT type
+    if peft_type != PEFT_TYPE.value and not legacy:
+        raise ValueError(f"{folder / CONFIG_NAME} is not an I-LoRA adapter config (peft_type="
+                         f"{meta.get('peft_type')!r}; expected {PEFT_TYPE.value!r})")
     known = _peft_field_names()
     kwargs = {k: v for k, v in meta.items() if k in known}
     if isinstance(kwargs.get("runtime_config"), dict):
@@ -394,4 +460,29 @@ def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
                        f"{unexpected[:5]}, missing {missing[:5]}")
     if not is_trainable:
         peft_model.eval()
+    return peft_model
+
+
+def to_peft_model(model: nn.Module, adapter_name: str = "default") -> PeftModel:
+    """The ``PeftModel`` equivalent of a model patched by ``apply_ilora``: same layers, same adapter values (so the
+    HF Trainer writes adapter-only checkpoints, which it does only for PEFT models). ``model`` itself is unpatched
+    and becomes the PeftModel's base model; if the conversion fails it is left patched as it was."""
+    config = peft_config_from_ilora(get_ilora_config(model))
+    state = {key: value.clone() for key, value in export_crab_state_dict(model, prefix=_PEFT_PREFIX).items()}
+    training = model.training
+    remove_ilora(model)
+    try:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+        missing = [k for k in (getattr(result, "missing_keys", []) or []) if adapter_name in k.split(".")]
+        if result.unexpected_keys or missing:
+            raise RuntimeError(f"to_peft_model: the adapter does not map onto the PEFT layers: unexpected "
+                               f"{list(result.unexpected_keys)[:5]}, missing {missing[:5]}")
+    except BaseException:
+        if hasattr(model, "peft_config") or any(isinstance(m, ILoRAPeftLinear) for m in model.modules()):
+            raise  # PEFT changed the model in a way we cannot undo here; its own error says more
+        apply_ilora(model, ilora_config_from_peft(config))
+        load_crab_state_dict(model, state)
+        raise
+    peft_model.train(training)
     return peft_model

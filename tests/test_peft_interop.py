@@ -96,7 +96,7 @@ def test_peft_save_pretrained_loads_into_apply_ilora_model(base, tmp_path):
     model.save_pretrained(tmp_path)
     expected = _logits(model, ids)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["peft_type"] == "LORA" and meta["ilora_num_heads"] == 3
+    assert meta["peft_type"] == "ILORA" and meta["ilora_num_heads"] == 3
     # our side: a plain model gets patched from the saved config, then loaded
     ours = pi.load_peft_adapter(copy.deepcopy(base), tmp_path)
     assert len(ik.ilora_layers(ours)) == 3 * base.config.num_hidden_layers
@@ -182,8 +182,9 @@ def test_two_adapters_switch_and_disable(base, tmp_path):
 
 def test_peft_version_pin():
     assert pi.check_peft_version("0.21.2") == "0.21.2"
-    for bad in ("0.20.9", "0.22.0", "1.0.0"):
-        with pytest.raises(ImportError, match="peft>=0.21.0,<0.22.0"):
+    assert pi.check_peft_version("0.19.0") == "0.19.0"
+    for bad in ("0.18.1", "0.22.0", "1.0.0"):
+        with pytest.raises(ImportError, match="peft>=0.19.0,<0.22.0"):
             pi.check_peft_version(bad)
 
 
@@ -201,7 +202,7 @@ def test_save_as_peft_writes_through_the_checksummed_writer(base, tmp_path):
     folder = pi.save_as_peft(ours, tmp_path / "peft")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((folder / "adapter_config.json").read_text())
-    assert meta["peft_type"] == "LORA" and meta["ilora_num_heads"] == 3 and len(meta["weights_sha256"]) == 64
+    assert meta["peft_type"] == "ILORA" and meta["ilora_num_heads"] == 3 and len(meta["weights_sha256"]) == 64
     pi.load_peft_adapter(copy.deepcopy(base), folder)        # matches: loads
     tensors = load_file(folder / "adapter_model.safetensors")
     key = next(iter(tensors))
