@@ -4,6 +4,9 @@ the I-LoRA hyperparameters of every config and module."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -11,15 +14,56 @@ import torch
 from .ops import registry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT32_MAX = torch.finfo(torch.float32).max   # every kernel applies scaling as a float32
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_float(value, divisor=1) -> float:
+    """``value / divisor`` as a float for an int or float ``value``; +-inf where that overflows (a huge int)."""
+    try:
+        return float(value) / divisor
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, for a warning raised by this module's caller, of the nearest frame outside
+    ilora_kernels and outside generated dataclass ``__init__`` code: the user's line, however deep the call."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 def _require_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _is_dtensor(t):
+        raise TypeError(f"{name} is a DTensor (placements {t.placements}); ilora_linear has no sharding rules and "
+                        f"takes plain tensors: pass {name}.to_local() (this rank's shard) or {name}.full_tensor() "
+                        f"(the whole tensor), or shard the model with FSDP, which hands the layer plain tensors")
 
 
 def _require_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
@@ -28,7 +72,8 @@ def _require_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
 
 
 def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, top_k) -> Optional[int]:
-    """Checks the arguments of ``ilora_linear``; returns top_k normalised (0 = dense routing)."""
+    """Checks the arguments of ``ilora_linear`` (plain tensors, not DTensors; |scaling| within float32); returns
+    top_k normalised (0 = dense routing)."""
     for name, t in (("x", x), ("weight", weight), ("router_weight", router_weight), ("lora_a", lora_a),
                     ("lora_b", lora_b)):
         _require_tensor(name, t)
@@ -78,8 +123,11 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
 
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+    if not _is_number(scaling) or (isinstance(scaling, float) and not math.isfinite(scaling)):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if not abs(_as_float(scaling)) <= _FLOAT32_MAX:
+        raise ValueError(f"scaling = {_as_float(scaling):g} is beyond the float32 range the kernels apply it in "
+                         f"(|scaling| <= {_FLOAT32_MAX:g})")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if top_k is None:
@@ -94,19 +142,12 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
 # hyperparameters: the one validator of ILoRAConfig, ILoRALinear, ILoRAPeftConfig and the trainer's config
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def validate_hyperparameters(*, r, num_heads, alpha, dropout, top_k=None, backend="auto", prefix="", names=None,
                              none_word="None", error=ValueError) -> None:
-    """Checks one set of I-LoRA hyperparameters: r and num_heads positive ints, alpha a finite number, dropout in
-    [0, 1), top_k None or an int in [1, num_heads], backend "auto" or a registered backend name. Bools are refused
-    where numbers are expected.
+    """Checks one set of I-LoRA hyperparameters: r and num_heads positive ints, alpha a finite number with
+    alpha / r within float32, dropout in [0, 1), top_k None or an int in [1, num_heads], backend "auto" or a
+    registered backend name. Bools are refused where numbers are expected. Warns (UserWarning) for top_k = 1 with
+    num_heads > 1, which leaves the router untrained.
 
     Messages name the argument as the caller's user wrote it: ``prefix`` + ``names.get(argument, argument)``
     (``prefix="ILoRAPeftConfig.", names={"num_heads": "ilora_num_heads"}``); ``none_word`` spells None (``null``
@@ -119,8 +160,11 @@ def validate_hyperparameters(*, r, num_heads, alpha, dropout, top_k=None, backen
     for arg, value in (("r", r), ("num_heads", num_heads)):
         if not _is_int(value) or value <= 0:
             raise error(f"{name(arg)} must be a positive int, got {value!r}")
-    if not _is_number(alpha) or not math.isfinite(alpha):
+    if not _is_number(alpha) or (isinstance(alpha, float) and not math.isfinite(alpha)):
         raise error(f"{name('alpha')} must be a finite number, got {alpha!r}")
+    if not abs(_as_float(alpha, r)) <= _FLOAT32_MAX:
+        raise error(f"{name('alpha')} = {_as_float(alpha):g} gives scaling = alpha / r = {_as_float(alpha, r):g}, "
+                    f"beyond the float32 range the kernels apply it in (|alpha / r| <= {_FLOAT32_MAX:g})")
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise error(f"{name('dropout')} must be in [0, 1), got {dropout!r}")
     if top_k is not None:
@@ -131,3 +175,8 @@ def validate_hyperparameters(*, r, num_heads, alpha, dropout, top_k=None, backen
                         f"got {top_k!r}")
     if not isinstance(backend, str) or backend not in ("auto",) + registry.BACKENDS:
         raise error(f"{name('backend')} must be one of {('auto',) + registry.BACKENDS}, got {backend!r}")
+    if top_k == 1 and num_heads > 1:
+        warnings.warn(f"{name('top_k')}=1 with {name('num_heads')}={num_heads}: the router will not train (the "
+                      f"softmax over the one kept logit is 1, so router_weight gets an exactly zero gradient); use "
+                      f"top_k >= 2 or dense routing ({name('top_k')}={none_word})", UserWarning,
+                      stacklevel=_user_stacklevel())

@@ -7,7 +7,8 @@ kernels, same numbers):
 * eager (the default): ``_EagerILoRA``, a hand-written ``torch.autograd.Function``, calls the backend's ops below the
   autograd key, which skips the generic custom-op autograd wrapper (about half the per-call CPU overhead at decode
   sizes); the dropout seed is drawn with ``_draw_seed()`` (one CPU ``torch.randint``, reproducible from
-  ``torch.manual_seed``). Tensor subclasses and functorch transforms take the ops' registered autograd instead;
+  ``torch.manual_seed``). ``torch.func`` transforms (grad, vmap, ...) take its twin ``_TransformedILoRA``; tensor
+  subclasses take the ops' registered autograd instead;
 * traced by ``torch.compile`` / ``torch.export`` without dropout: the backend's forward op itself, with its
   registered autograd, so Dynamo and AOTAutograd see one opaque op per layer and no graph break;
 * traced with dropout: ``ilora_kernels::seeded_forward`` (``ops/seeded.py``), whose seed is a CPU int64 tensor drawn
@@ -25,6 +26,7 @@ from . import settings
 from ._validation import validate_ilora_inputs
 from .ops import seeded  # noqa: F401  (defines ilora_kernels::seeded_forward / seeded_backward)
 from .ops.contract import backward_body, router_dtype
+from .ops.contract import setup_context as op_setup_context
 from .ops.registry import BACKENDS, available_backends, registered, resolve, resolve_backend, resolve_cached
 
 __all__ = ["BACKENDS", "available_backends", "ilora_linear", "resolve_backend"]
@@ -54,20 +56,26 @@ def _draw_seed_tensor() -> Tensor:
 # the eager fast path
 
 
+def _forward_below_autograd(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k, ops):
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.forward_kernel(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k)
+
+
+def _setup_context(ctx, inputs, output):
+    op_setup_context(ctx, inputs[:-1], output)
+    ctx.backward_op = inputs[-1].backward_kernel
+
+
 class _EagerILoRA(torch.autograd.Function):
     """Eager autograd for one backend: calls the forward/backward ops below the autograd key (no generic
-    custom-op wrapper, no pytree work). Numerically identical to the registered autograd of the ops."""
+    custom-op wrapper, no pytree work). Numerically identical to the registered autograd of the ops.
+    Inputs: the forward op's, then the backend's ``OpPair``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, top_k, ops):
-        with torch._C._AutoDispatchBelowAutograd():
-            y, h, g = ops.forward_kernel(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed,
-                                         top_k)
-        ctx.save_for_backward(x, weight, router_weight, lora_a, lora_b, h, g)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backward_op = scaling, dropout_p, seed, ops.backward_kernel
-        ctx.mark_non_differentiable(h)
-        ctx.set_materialize_grads(False)
-        return y, h, g
+    def forward(ctx, *inputs):
+        output = _forward_below_autograd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, dy, _dh, dg):
@@ -78,6 +86,20 @@ class _EagerILoRA(torch.autograd.Function):
                 return backward_op(*args)
 
         return (*backward_body(ctx, dy, dg, ctx.saved_tensors, call), None)
+
+
+class _TransformedILoRA(_EagerILoRA):
+    """``_EagerILoRA`` for ``torch.func`` transforms (grad, vmap, ...), which need the ``setup_context`` form (the
+    ops' registered autograd has none). That form binds the arguments with ``inspect.signature`` on every call
+    (tens of microseconds), so plain eager calls keep ``_EagerILoRA``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward_below_autograd(*inputs)
+
+    setup_context = staticmethod(_setup_context)
 
 
 _validated: Dict[tuple, int] = {}
@@ -111,12 +133,20 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _eager_fast_path_ok(tensors) -> bool:
-    """The fast path serves plain tensors outside functorch transforms; anything else (tensor subclasses such as
-    DTensor, vmap/grad transforms) takes the registered ops, which handle them generically; so does every call
-    with ILORA_EAGER_FAST_PATH=0."""
-    if torch._C._are_functorch_transforms_active() or not settings.get().eager_fast_path:
+    """The fast path serves plain tensors; tensor subclasses take the registered ops, which handle them
+    generically; so does every call with ILORA_EAGER_FAST_PATH=0 (``torch.func`` transforms aside: see
+    ``_TransformedILoRA``)."""
+    if not settings.get().eager_fast_path:
         return False
     return all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """autocast's rule for the ops it casts to a lower precision (F.linear among them): every floating-point
+    tensor but a float64 one is cast to ``dtype``."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def _any_requires_grad(tensors) -> bool:
@@ -142,8 +172,8 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
     """
     if isinstance(x, Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, router_weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, router_weight, lora_a, lora_b))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, router_weight, lora_a, lora_b = (_autocast(t, dtype) for t in
+                                                          (x, weight, bias, router_weight, lora_a, lora_b))
     compiling = torch.compiler.is_compiling()
     if not compiling:
         top_k = _validate_cached(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, top_k)
@@ -164,7 +194,7 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
         # nothing to route: the adapter contributes exactly zero (its parameters get zero gradients)
         zero = (router_weight.sum() + lora_a.sum() + lora_b.sum()) * 0
         y = torch.nn.functional.linear(x, weight, bias) + zero
-        g = x.new_empty(*lead_shape, num_heads, dtype=router_dtype(x.dtype))
+        g = torch.softmax(torch.nn.functional.linear(x, router_weight), dim=-1, dtype=router_dtype(x.dtype))
         return (y, g) if return_router_weights else y
 
     flat = x.dim() == 2
@@ -182,11 +212,12 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
         ops = registered[resolve_cached(backend, x.device.type, x.dtype)]
         seed = _draw_seed() if p > 0.0 else 0
         tensors = (x2d, weight, bias, router_weight, lora_a, lora_b)
-        if not _eager_fast_path_ok(tensors):
+        transformed = torch._C._are_functorch_transforms_active()
+        if not transformed and not _eager_fast_path_ok(tensors):
             y, _, g = ops.forward(x2d, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k)
-        elif torch.is_grad_enabled() and _any_requires_grad(tensors):
-            y, _, g = _EagerILoRA.apply(x2d, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k,
-                                        ops)
+        elif transformed or (torch.is_grad_enabled() and _any_requires_grad(tensors)):
+            function = _TransformedILoRA if transformed else _EagerILoRA
+            y, _, g = function.apply(x2d, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed, top_k, ops)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, _, g = ops.forward_kernel(x2d, weight, bias, router_weight, lora_a, lora_b, scaling, p, seed,

@@ -12,7 +12,9 @@ Python functions with these arguments into the pair (``FORWARD_SCHEMA`` / ``BACK
 declare the same schemas in ``csrc/op_schemas.h``); ``attach`` registers the shared fake (meta) implementations and
 the shared autograd (``setup_context`` + ``backward_body``) on a pair, so ``torch.compile`` and
 ``torch.library.opcheck`` see ordinary ops, and returns the ``OpPair`` that the backend registers
-(``ops.registry.register``). Saved for backward: x, h, g and the seed, never the dropout mask.
+(``ops.registry.register``). Saved for backward: x, h, g and the seed, never the dropout mask. The autograd is
+first order: a backward that records a graph (create_graph=True, ``torch.func``) returns gradients whose own
+derivative raises ``DOUBLE_BACKWARD_MESSAGE``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKWARD_SCHEMA", "FORWARD_SCHEMA", "OpPair", "attach", "backward_body", "define", "fake_backward",
-           "fake_forward", "router_dtype", "setup_context"]
+__all__ = ["BACKWARD_SCHEMA", "DOUBLE_BACKWARD_MESSAGE", "FORWARD_SCHEMA", "OpPair", "attach", "backward_body",
+           "define", "fake_backward", "fake_forward", "router_dtype", "setup_context"]
 
 FORWARD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor router_weight, Tensor lora_a, Tensor lora_b, "
                   "float scaling, float dropout_p, int seed, int top_k) -> (Tensor, Tensor, Tensor)")
@@ -72,18 +74,24 @@ def setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def backward_body(ctx, dy, dg, saved, call_backward):
-    """Gradients (dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None x 4) shared by every autograd path;
-    ``call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)``
-    runs the backend's backward op."""
-    x, weight, router_weight, lora_a, lora_b, h, g = saved
-    needs = ctx.needs_input_grad
+DOUBLE_BACKWARD_MESSAGE = (
+    "ilora_linear does not support double backward (differentiating its gradients: torch.autograd.grad(..., "
+    "create_graph=True) followed by a second grad, nested torch.func.grad, torch.func.hessian): its backward is a "
+    "fused kernel with no derivative of its own, and no backend provides one. For higher-order derivatives call "
+    "ilora_kernels.ops.reference.forward(x2d, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, seed, "
+    "top_k) instead: the same math in plain, twice-differentiable PyTorch ops (x2d (N, d_in); returns y, h, g; "
+    "top_k = 0 is dense)")
+
+
+def _gradients(dy, dg, x, weight, router_weight, lora_a, lora_b, h, g, needs, scaling, dropout_p, seed,
+               call_backward):
+    """The body of ``backward_body``: the 10 gradients of the forward op's inputs; ``needs`` is the forward
+    ctx's ``needs_input_grad``."""
     output_mask = [needs[0], needs[3], needs[4], needs[5]]
     dx = d_router = d_lora_a = d_lora_b = d_weight = d_bias = None
     if dy is not None and any(output_mask):
-        dx, d_router, d_lora_a, d_lora_b = call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g,
-                                                         ctx.scaling, ctx.dropout_p, getattr(ctx, "seed", 0),
-                                                         output_mask)
+        dx, d_router, d_lora_a, d_lora_b = call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling,
+                                                         dropout_p, seed, output_mask)
         dx, d_router, d_lora_a, d_lora_b = (t if m else None for t, m in
                                             zip((dx, d_router, d_lora_a, d_lora_b), output_mask, strict=True))
     if dg is not None and (needs[0] or needs[3]):
@@ -97,6 +105,39 @@ def backward_body(ctx, dy, dg, saved, call_backward):
         d_weight = dy.t() @ x if needs[1] else None
         d_bias = dy.sum(dim=0) if needs[2] else None
     return dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None, None, None, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """``_gradients`` as a function whose own derivative raises ``DOUBLE_BACKWARD_MESSAGE``: the gradients a
+    backward returns when that backward records a graph (create_graph=True, or a ``torch.func`` transform, which
+    always does), so that differentiating them again raises instead of giving wrong or missing second derivatives.
+    Its forward runs below every autograd level (torch.func's included), so the kernels never see grad-tracking
+    tensors."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return _gradients(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def backward_body(ctx, dy, dg, saved, call_backward):
+    """Gradients (dx, d_weight, d_bias, d_router, d_lora_a, d_lora_b, None x 4) shared by every autograd path;
+    ``call_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)``
+    runs the backend's backward op. A plain backward (grad mode off) computes them directly; one that records a
+    graph gets them from ``_FirstOrderOnly``, which refuses a second differentiation."""
+    args = (dy, dg, *saved, ctx.needs_input_grad, ctx.scaling, ctx.dropout_p, getattr(ctx, "seed", 0), call_backward)
+    if torch.is_grad_enabled():
+        return _FirstOrderOnly.apply(*args)
+    return _gradients(*args)
 
 
 def attach(forward_name: str, backward_name: str) -> OpPair:

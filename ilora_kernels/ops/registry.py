@@ -58,19 +58,24 @@ class BackendUnavailable(ImportError):
 
 registered: Dict[str, OpPair] = {}       # the ops of every backend loaded so far, by name
 _devices: Dict[str, Tuple[str, ...]] = {}  # the device types a loaded backend takes, where not its row's
+_dtypes: Dict[str, Tuple[Tuple[torch.dtype, ...], str]] = {}  # (dtypes, why) of a loaded backend, where not its row's
 _reasons: Dict[str, str] = {}
 _failed_modules: Dict[str, str] = {}
 _lock = threading.RLock()
 
 
-def register(name: str, ops: OpPair, devices: Optional[Tuple[str, ...]] = None) -> None:
+def register(name: str, ops: OpPair, devices: Optional[Tuple[str, ...]] = None,
+             dtypes: Optional[Tuple[torch.dtype, ...]] = None, dtypes_reason: str = "") -> None:
     """Called by a backend module: ``ops`` (from ``contract.define`` or ``contract.attach``) now serve backend
     ``name``. ``devices``: the device types this process's build takes when they differ from the row's (the Triton
-    interpreter runs on CPU tensors); ``auto`` still follows the row."""
+    interpreter runs on CPU tensors); ``auto`` still follows the row. ``dtypes``: the dtypes this build computes
+    correctly when fewer than the row's (``dtypes_reason`` says why; ``auto`` and explicit requests both follow it)."""
     if name not in _ROWS:
         raise KeyError(f"register: {name!r} has no row in BACKEND_TABLE")
     if devices is not None:
         _devices[name] = tuple(devices)
+    if dtypes is not None:
+        _dtypes[name] = (tuple(dtypes), dtypes_reason)
     registered[name] = ops
 
 
@@ -138,12 +143,15 @@ def resolve(backend: str, device: str, dtype: torch.dtype) -> str:
     raises naming why), or the first fitting row of the table for ``"auto"``."""
     if backend == "auto":
         for row in BACKEND_TABLE:
-            if (row.auto_on is None or device in row.auto_on) and dtype in row.dtypes and _load(row.name) is None:
+            if ((row.auto_on is None or device in row.auto_on) and dtype in row.dtypes and _load(row.name) is None
+                    and dtype in _dtypes.get(row.name, (row.dtypes,))[0]):
                 return row.name
         raise RuntimeError(f"no backend runs {dtype} tensors on {device}")  # pragma: no cover - reference always
     row = _available_row(backend)
-    if dtype not in row.dtypes:
-        raise TypeError(f"backend={backend!r} supports {_dtype_names(row.dtypes)}; x has dtype {dtype}")
+    dtypes, why = _dtypes.get(backend, (row.dtypes, ""))
+    if dtype not in dtypes:
+        raise TypeError(f"backend={backend!r} supports {_dtype_names(dtypes)}{' (' + why + ')' if why else ''}; "
+                        f"x has dtype {dtype}")
     devices = _devices.get(backend, row.devices)
     if devices is not None and device not in devices:
         raise ValueError(f"backend={backend!r} needs {' or '.join(devices)} tensors, but x is on {device}")

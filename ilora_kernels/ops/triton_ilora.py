@@ -485,8 +485,18 @@ def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
                                  EVEN_K=even_k)
 
 
+def _refuse_interpreted_bf16(x: Tensor) -> None:
+    """The Triton interpreter's bf16 ``tl.dot`` gives wrong results (values off by orders of magnitude), so under
+    TRITON_INTERPRET=1 bf16 is refused instead of computed."""
+    if _INTERPRET and x.dtype == torch.bfloat16:
+        raise TypeError("x has dtype torch.bfloat16, which the Triton backend refuses under TRITON_INTERPRET=1 (the "
+                        "Triton interpreter's bf16 tl.dot gives wrong results): use float32 or float16, or another "
+                        "backend (\"reference\", or \"cpu\" for CPU tensors)")
+
+
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weight: Tensor, lora_a: Tensor,
                  lora_b: Tensor, scaling: float, dropout_p: float, seed: int, top_k: int):
+    _refuse_interpreted_bf16(x)
     n, d_in = x.shape
     d_out = weight.shape[0]
     num_heads, rank = router_weight.shape[0], lora_a.shape[0]
@@ -528,6 +538,7 @@ _MAX_FUSED_V = 512      # fp32 columns of V kept in registers per token block
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                   h: Tensor, g: Tensor, scaling: float, dropout_p: float, seed: int, output_mask: List[bool]):
+    _refuse_interpreted_bf16(x)
     need_dx, need_dwr, need_da, need_db = (bool(m) for m in output_mask)
     n, d_in = x.shape
     num_heads, d_out, rank = lora_b.shape
@@ -617,4 +628,6 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
 
 
 register("triton", define("triton", forward_impl, backward_impl),
-         devices=("cuda", "cpu") if _INTERPRET else None)
+         devices=("cuda", "cpu") if _INTERPRET else None,
+         dtypes=(torch.float16, torch.float32) if _INTERPRET else None,
+         dtypes_reason="bfloat16 is refused under TRITON_INTERPRET=1: the interpreter's bf16 tl.dot is wrong")
