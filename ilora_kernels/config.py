@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -29,6 +30,14 @@ class ILoRAConfig:
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("ILoRAConfig.target_modules must not be empty")
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(f"ILoRAConfig.target_modules={self.target_modules!r} is a string, hence a regex, "
+                                 f"and it does not compile ({exc})") from None
+        elif not isinstance(self.target_modules, (list, tuple)):
+            raise ValueError(f"ILoRAConfig.target_modules must be a list or tuple of module names, or one regex "
+                             f"string, got {type(self.target_modules).__name__} {self.target_modules!r}")
         else:
             targets = tuple(self.target_modules)
             if not targets or not all(isinstance(t, str) and t for t in targets):

@@ -88,9 +88,11 @@ from ._validation import validate_hyperparameters  # noqa: E402
 from .adapters import (  # noqa: E402
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_same_config,
     check_weights,
     export_crab_state_dict,
     load_crab_state_dict,
+    weights_file,
     write_adapter,
 )
 from .config import ILoRAConfig  # noqa: E402
@@ -144,8 +146,12 @@ class ILoRAPeftConfig(LoraConfig):
     ilora_num_heads: int = field(default=3, metadata={"help": "I-LoRA: number of B heads K (router outputs)"})
     ilora_top_k: Optional[int] = field(default=None, metadata={"help": "I-LoRA: top-k routing; None = dense"})
     ilora_backend: str = field(default="auto", metadata={"help": "I-LoRA kernel backend"})
+    init_weights: Optional[bool] = field(default=None, metadata={
+        "help": "alias of init_lora_weights (the name PEFT's other methods use); None = use init_lora_weights"})
 
     def __post_init__(self):
+        if self.init_weights is not None:
+            self.init_lora_weights = self.init_weights
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         validate_hyperparameters(r=self.r, num_heads=self.ilora_num_heads, alpha=self.lora_alpha,
@@ -381,15 +387,13 @@ def load_peft_config(path: Union[str, os.PathLike]) -> ILoRAPeftConfig:
 
 
 def _load_safetensors(folder: Path, reader: str) -> Dict[str, torch.Tensor]:
-    """The weights file of an adapter folder, after its checksum check (``adapters.check_weights``)."""
+    """The weights of an adapter folder that match its config (``adapters.weights_file``: the weights file, or the
+    previous weights a save interrupted between its renames kept)."""
     from safetensors.torch import load_file
 
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
     meta = _read_json(folder)
-    check_weights(folder, meta, reader, "save_ilora" if meta.get("format") == "ilora" else "save_as_peft")
-    return load_file(path)
+    writer = "save_ilora" if meta.get("format") == "ilora" else "save_as_peft"
+    return load_file(weights_file(folder, meta, reader, writer))
 
 
 def _ilora_to_crab(tensors: Dict[str, torch.Tensor], prefix: str = _PEFT_PREFIX) -> Dict[str, torch.Tensor]:
@@ -421,22 +425,32 @@ def save_as_peft(model: nn.Module, path: Union[str, os.PathLike], **lora_kwargs:
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Loads a PEFT-saved I-LoRA adapter folder into a plain model (patched with ``apply_ilora`` first, from the
-    saved config) or into a model already patched with matching r and K. Every I-LoRA layer must be covered."""
+    saved config) or into a model already patched with the same r, K, alpha, dropout, top_k and targets. Every
+    I-LoRA layer must be covered. A refused adapter leaves the model as it was (a model patched here is unpatched)."""
     folder = Path(path)
     saved = ilora_config_from_peft(load_peft_config(folder))
-    if not ilora_layers(model):
+    patched_here = not ilora_layers(model)
+    if patched_here:
         apply_ilora(model, saved)
-    current = get_ilora_config(model)
-    for name in ("r", "num_heads"):
-        if getattr(current, name) != getattr(saved, name):
-            raise ValueError(f"load_peft_adapter: the adapter in {folder} has {name}={getattr(saved, name)} but the "
-                             f"model's I-LoRA layers have {name}={getattr(current, name)}")
-    loaded = load_crab_state_dict(model, _load_safetensors(folder, "load_peft_adapter"))
-    missing = sorted(set(ilora_layers(model)) - set(loaded))
-    if missing:
-        raise KeyError(f"load_peft_adapter: {folder / WEIGHTS_NAME} has no weights for {len(missing)} I-LoRA "
-                       f"layer(s), e.g. {missing[:5]}")
+    try:
+        check_same_config(get_ilora_config(model), saved, folder / CONFIG_NAME, reader="load_peft_adapter")
+        tensors = _load_safetensors(folder, "load_peft_adapter")
+        named = {_module_of_crab_key(key) for key in tensors}
+        missing = sorted(set(ilora_layers(model)) - named)
+        if missing:
+            raise KeyError(f"load_peft_adapter: {folder / WEIGHTS_NAME} has no weights for {len(missing)} I-LoRA "
+                           f"layer(s), e.g. {missing[:5]}")
+        load_crab_state_dict(model, tensors)
+    except BaseException:
+        if patched_here:
+            remove_ilora(model)
+        raise
     return model
+
+
+def _module_of_crab_key(key: str) -> str:
+    """``base_model.model.<module>.lora_X.weight`` -> ``<module>``."""
+    return key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)[0]
 
 
 def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
@@ -447,6 +461,8 @@ def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     meta = _read_json(folder)
     config = load_peft_config(folder)
     if meta.get("format") != "ilora":
+        # PEFT reads the weights file by name: refuse one that is not the weights this config was saved with
+        check_weights(folder, meta, "from_pretrained", "save_as_peft")
         return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
                                          config=config, **kwargs)
     config.inference_mode = not is_trainable

@@ -215,3 +215,48 @@ def test_save_as_peft_writes_through_the_checksummed_writer(base, tmp_path):
     save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "ours" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"from_pretrained: .* does not match"):
         pi.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+
+
+def test_load_peft_adapter_refuses_other_hyperparameters_and_leaves_the_model(base, tmp_path):
+    source = ik.apply_ilora(copy.deepcopy(base), _ilora_config(alpha=16))
+    pi.save_as_peft(source, tmp_path)
+    patched = ik.apply_ilora(copy.deepcopy(base), _ilora_config(alpha=8))
+    with pytest.raises(ValueError, match=r"load_peft_adapter: .*adapter_config.json has alpha=16.0 .* alpha=8\b"):
+        pi.load_peft_adapter(patched, tmp_path)
+    # an unpatched model that fails to load (weights of another width) is unpatched again
+    (tmp_path / "adapter_model.safetensors").unlink()
+    from safetensors.torch import save_file
+    bad = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in
+           ik.export_crab_state_dict(source, prefix="base_model.model.").items()}
+    save_file(bad, str(tmp_path / "adapter_model.safetensors"))
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta.pop("weights_sha256")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    plain = copy.deepcopy(base)
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+    with pytest.raises(ValueError, match="shape"):
+        pi.load_peft_adapter(plain, tmp_path)
+    assert not ik.ilora_layers(plain)
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+
+def test_peft_readers_load_the_old_adapter_after_a_save_stopped_between_the_renames(base, tmp_path, monkeypatch):
+    import os
+    ids = pattern_batch(base.config.vocab_size)
+    old = ik.apply_ilora(copy.deepcopy(base), _ilora_config())
+    _randomise_ilora(old)
+    pi.save_as_peft(old, tmp_path)
+    new = ik.apply_ilora(copy.deepcopy(base), _ilora_config())
+    _randomise_ilora(new)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("adapter_config.json"):  # the save dies before its config rename
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        pi.save_as_peft(new, tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    loaded = pi.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(old, ids), rtol=0, atol=0)

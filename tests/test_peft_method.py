@@ -309,3 +309,11 @@ def test_to_peft_model_keeps_the_adapter_and_trains_with_adapter_only_checkpoint
     assert isinstance(peft_model, PeftModel) and not ik.ilora_layers(peft_model)
     assert len(_adapter_layers(peft_model)) == 2 * base.config.num_hidden_layers
     torch.testing.assert_close(_output(peft_model, ids), expected, rtol=0, atol=0)
+
+
+def test_init_weights_is_an_alias_of_init_lora_weights():
+    """PEFT's generic helpers turn random initialisation on with init_weights=False for non-LoRA configs."""
+    config = pi.ILoRAPeftConfig(r=2, lora_alpha=4, target_modules=["0"], init_weights=False)
+    assert config.init_lora_weights is False
+    model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), config)
+    assert all(m.lora_B0["default"].weight.abs().sum() > 0 for m in _adapter_layers(model).values())
