@@ -14,7 +14,9 @@ CRAB_PLUS_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 @dataclass
 class ILoRAConfig:
     """I-LoRA hyperparameters. ``target_modules``: names matched exactly or as a ``.suffix``, or one regex string
-    matched with ``re.fullmatch`` against the full module name (PEFT semantics)."""
+    matched with ``re.fullmatch`` against the full module name (PEFT semantics). ``autocast_adapter_dtype``
+    (PEFT's name and default): adapter weights on a float16 / bfloat16 base layer are float32 master weights;
+    False keeps them in the base's dtype."""
 
     r: int = 128
     num_heads: int = 3
@@ -23,10 +25,13 @@ class ILoRAConfig:
     target_modules: Union[Sequence[str], str] = field(default_factory=lambda: CRAB_PLUS_TARGETS)
     top_k: Optional[int] = None
     backend: str = "auto"
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self):
         validate_hyperparameters(r=self.r, num_heads=self.num_heads, alpha=self.alpha, dropout=self.dropout,
                                  top_k=self.top_k, backend=self.backend, prefix="ILoRAConfig.")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"ILoRAConfig.autocast_adapter_dtype must be a bool, got {self.autocast_adapter_dtype!r}")
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("ILoRAConfig.target_modules must not be empty")

@@ -149,6 +149,19 @@ def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _mixed_precision(x, weight, router_weight, lora_a, lora_b):
+    """float32 adapter weights (master weights) with a float16 / bfloat16 x and weight: the adapter is cast to x's
+    dtype for the kernels, as autocast would (differentiable: its gradients reach the float32 weights in float32).
+    Any other mix is left to the dtype check."""
+    adapter = (router_weight, lora_a, lora_b)
+    if isinstance(x, Tensor) and x.dtype in _HALF_DTYPES and isinstance(weight, Tensor) and weight.dtype == x.dtype:
+        return tuple(t.to(x.dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in adapter)
+    return adapter
+
+
 def _any_requires_grad(tensors) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
@@ -166,6 +179,10 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
     ``torch.manual_seed`` makes it reproducible. ``top_k`` (None = dense) keeps the top_k largest router logits
     per token. ``backend``: "auto" or a name of ``BACKENDS`` (see ``available_backends``).
 
+    dtypes: one floating dtype for every tensor, except that router_weight, lora_a and lora_b may be float32 with a
+    float16 / bfloat16 x and weight (master weights; computed in x's dtype, the same numbers as under
+    ``torch.autocast``, gradients float32). Under autocast every tensor but a float64 one is cast to its dtype.
+
     Compiles with ``torch.compile`` without graph breaks (inference and training, dropout included), and the
     inference path (``training=False`` or ``dropout_p=0``) has no host synchronisation and no data-dependent
     shape, so it can be captured in a CUDA graph.
@@ -174,6 +191,8 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, router_weight, lora_a, lora_b = (_autocast(t, dtype) for t in
                                                           (x, weight, bias, router_weight, lora_a, lora_b))
+    else:
+        router_weight, lora_a, lora_b = _mixed_precision(x, weight, router_weight, lora_a, lora_b)
     compiling = torch.compiler.is_compiling()
     if not compiling:
         top_k = _validate_cached(x, weight, bias, router_weight, lora_a, lora_b, scaling, dropout_p, top_k)

@@ -12,12 +12,22 @@ from ._validation import validate_hyperparameters
 from .functional import ilora_linear
 from .ops.contract import router_dtype
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of the adapter parameters on a base layer of ``base_dtype``: float32 for a float16 / bfloat16 base
+    when ``autocast_adapter_dtype`` (PEFT's default and name), else the base's."""
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _HALF_DTYPES else base_dtype
+
 
 class ILoRALinear(nn.Module):
     """y = base_layer(x) + scaling * sum_k g_k(x) B_k A dropout(x), g = softmax(router_weight x).
 
     Shares ``base_layer``'s weight (never copies it) and freezes it. Parameters: router_weight (K, d_in),
-    lora_a (r, d_in), lora_b (K, d_out, r). Freshly built, the layer equals its base layer (every B_k = 0).
+    lora_a (r, d_in), lora_b (K, d_out, r): float32 master weights on a float16 / bfloat16 base layer (PEFT's
+    ``autocast_adapter_dtype=True``; ``ilora_linear`` computes in the base's dtype), the base's dtype otherwise or
+    with ``autocast_adapter_dtype=False``. Freshly built, the layer equals its base layer (every B_k = 0).
     ``scaling = alpha / r``; ``dropout`` applies to the adapter input in training mode only; ``top_k`` (None =
     dense) keeps the top_k router logits per token; ``backend`` is passed to ``ilora_linear``.
     ``disable_adapter = True`` makes the layer exactly its base layer.
@@ -29,7 +39,8 @@ class ILoRALinear(nn.Module):
     lora_b: nn.Parameter
 
     def __init__(self, base_linear: nn.Linear, r: int = 128, num_heads: int = 3, alpha: float = 256.0,
-                 dropout: float = 0.1, top_k: Optional[int] = None, backend: str = "auto"):
+                 dropout: float = 0.1, top_k: Optional[int] = None, backend: str = "auto",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         if not isinstance(base_linear, nn.Linear):
             raise TypeError(f"ILoRALinear wraps an nn.Linear, got {type(base_linear).__name__}")
@@ -42,7 +53,11 @@ class ILoRALinear(nn.Module):
         self.top_k, self.backend = top_k, backend
         self.scaling = self.alpha / r
         self.disable_adapter = False
-        factory = {"device": base_linear.weight.device, "dtype": base_linear.weight.dtype}
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        factory = {"device": base_linear.weight.device,
+                   "dtype": adapter_dtype(base_linear.weight.dtype, autocast_adapter_dtype)}
         self.router_weight = nn.Parameter(torch.empty(num_heads, self.in_features, **factory))
         self.lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_b = nn.Parameter(torch.empty(num_heads, self.out_features, r, **factory))
@@ -78,4 +93,4 @@ class ILoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"num_heads={self.num_heads}, alpha={self.alpha:g}, dropout={self.dropout:g}, top_k={self.top_k}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, adapter_dtype={str(self.lora_a.dtype).split('.')[-1]}")

@@ -103,7 +103,8 @@ def apply_ilora(model: nn.Module, config: ILoRAConfig) -> nn.Module:
     try:
         for name, linear in matches:
             wrapped.append((name, ILoRALinear(linear, r=config.r, num_heads=config.num_heads, alpha=config.alpha,
-                                              dropout=config.dropout, top_k=config.top_k, backend=config.backend)))
+                                              dropout=config.dropout, top_k=config.top_k, backend=config.backend,
+                                              autocast_adapter_dtype=config.autocast_adapter_dtype)))
     except BaseException as exc:
         _restore_requires_grad(model, flags)        # ILoRALinear froze the layers wrapped so far
         if isinstance(exc, (RuntimeError, TypeError, ValueError)):

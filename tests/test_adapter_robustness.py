@@ -356,7 +356,8 @@ def _lora_b_key(tensors):
 
 
 def test_values_that_overflow_the_model_dtype_are_refused(tmp_path):
-    source = _patched()
+    """A float16 adapter (autocast_adapter_dtype=False: the adapter in the base's dtype) cannot hold 1e5."""
+    source = _patched(autocast_adapter_dtype=False)
     key = _lora_b_key(adapters.adapter_state_dict(source))
     with torch.no_grad():
         ik.ilora_layers(source)[key.rsplit(".", 1)[0]].lora_b[0, 0, 0] = 1e5    # finite in float32, inf in float16
@@ -364,7 +365,7 @@ def test_values_that_overflow_the_model_dtype_are_refused(tmp_path):
     ik.save_ilora(source, folder)
     torch.manual_seed(1)
     half = tiny_qwen2().half()
-    ik.apply_ilora(half, ik.ILoRAConfig(r=4, num_heads=3, alpha=8, dropout=0.0))
+    ik.apply_ilora(half, ik.ILoRAConfig(r=4, num_heads=3, alpha=8, dropout=0.0, autocast_adapter_dtype=False))
     for model in (half, tiny_qwen2().half()):                   # patched, and unpatched (patched on load)
         before = _model_snapshot(model)
         with pytest.raises(ValueError, match=rf"{key} has 1 value\(s\) that are not finite in torch.float16"):
@@ -406,7 +407,7 @@ def test_crab_import_refuses_meta_tensors_and_overflow_naming_the_key():
 
     torch.manual_seed(1)
     half = tiny_qwen2().half()
-    ik.apply_ilora(half, ik.ILoRAConfig(r=4, num_heads=3, alpha=8, dropout=0.0))
+    ik.apply_ilora(half, ik.ILoRAConfig(r=4, num_heads=3, alpha=8, dropout=0.0, autocast_adapter_dtype=False))
     big = torch.full(state[key].shape, 1e5)
     before = _model_snapshot(half)
     with pytest.raises(ValueError, match=rf"load_crab_state_dict: {key} has {big.numel()} value\(s\) that are not "

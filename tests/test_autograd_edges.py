@@ -233,8 +233,12 @@ def test_empty_input_router_weights_are_in_the_graph(backend, which):
 @pytest.mark.skipif("triton" not in BACKENDS or not settings.get().triton_interpret,
                     reason="needs the Triton backend under TRITON_INTERPRET=1")
 def test_triton_interpreter_refuses_bf16():
-    with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16.*TRITON_INTERPRET.*float32 or float16"):
+    with pytest.raises(TypeError, match=r"backend='triton' supports float16 and float32 \(bfloat16 is refused under "
+                                        r"TRITON_INTERPRET=1.*x has dtype torch.bfloat16"):
         ik.ilora_linear(*_inputs(torch.bfloat16), 1.5, backend="triton")
+    # the op itself refuses too (a direct call skips the registry)
+    with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16.*TRITON_INTERPRET.*float32 or float16"):
+        torch.ops.ilora_kernels.triton_forward(*_inputs(torch.bfloat16), 1.5, 0.0, 0, 0)
     assert resolve("auto", "cpu", torch.bfloat16) != "triton"
 
 

@@ -68,14 +68,8 @@ def build_model(cfg: CrabConfig, device: Optional[str] = None, apply_adapter: bo
     apply_crab_ilora(model, r=cfg.ilora.r, num_heads=cfg.ilora.num_heads, alpha=cfg.ilora.alpha,
                      dropout=cfg.ilora.dropout, gradient_checkpointing=False, top_k=cfg.ilora.top_k,
                      backend=cfg.ilora.backend)
-    # a bf16/fp16 base keeps fp32 adapter weights (master weights): under bf16 autocast ilora_linear casts them
-    # for the compute and their gradients and AdamW updates stay fp32
-    from ..patching import ilora_layers
-    for layer in ilora_layers(model).values():
-        for name in ("router_weight", "lora_a", "lora_b"):
-            param = getattr(layer, name)
-            if param.dtype in (torch.bfloat16, torch.float16):
-                param.data = param.data.float()
+    # a bf16/fp16 base gets fp32 adapter weights (ILoRAConfig.autocast_adapter_dtype): ilora_linear computes in
+    # the base's dtype and their gradients and AdamW updates stay fp32
     if device is not None:
         model.to(device)
     return model, processor
