@@ -17,24 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_folders import CONFIG, DELETE, WEIGHTS
+from adapter_folders import edit_config as _edit_config
 from torch import nn
 
 import ilora_kernels as ik
 from ilora_kernels import adapters
 from ilora_kernels.patching import get_ilora_config
-from tiny_models import tiny_llama, tiny_qwen2, token_batch
+from tiny_models import patched_tiny_model, tiny_llama, tiny_qwen2, token_batch
 
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-def _patched(build=tiny_qwen2, seed=0, **cfg):
-    torch.manual_seed(seed)
-    model = build()
-    ik.apply_ilora(model, ik.ILoRAConfig(**{"r": 4, "num_heads": 3, "alpha": 8, "dropout": 0.0, **cfg}))
-    with torch.no_grad():
-        for layer in ik.ilora_layers(model).values():
-            layer.lora_b.normal_()
-    return model
+_patched = patched_tiny_model
+_DELETE = DELETE
 
 
 def _adapter(model):
@@ -53,17 +46,6 @@ def _rewrite(folder, tensors):
     _edit_config(folder, weights_sha256=adapters._sha256(folder / WEIGHTS))
 
 
-def _edit_config(folder, **changes):
-    meta = json.loads((folder / CONFIG).read_text())
-    for key, value in changes.items():
-        if value is _DELETE:
-            del meta[key]
-        else:
-            meta[key] = value
-    (folder / CONFIG).write_text(json.dumps(meta))
-
-
-_DELETE = object()
 
 
 def _model_snapshot(model):

@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_folders import CONFIG, DELETE, WEIGHTS
+from adapter_folders import edit_config as _edit_config
 
 import ilora_kernels as ik
 from ilora_kernels import adapters
-from tiny_models import tiny_qwen2, token_batch
+from tiny_models import patched_tiny_model, tiny_qwen2, token_batch
 
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-def _patched(seed=0, **cfg):
-    torch.manual_seed(seed)
-    model = tiny_qwen2()
-    ik.apply_ilora(model, ik.ILoRAConfig(**{"r": 4, "num_heads": 3, "alpha": 8, "dropout": 0.0, **cfg}))
-    with torch.no_grad():
-        for layer in ik.ilora_layers(model).values():
-            layer.lora_b.normal_()
-    return model
+_patched = patched_tiny_model
+_DELETE = DELETE
 
 
 def _snapshot(model):
@@ -55,17 +48,6 @@ def _rewrite(folder, tensors, fix_checksum=True):
         (folder / CONFIG).write_text(json.dumps(meta))
 
 
-def _edit_config(folder, **changes):
-    meta = json.loads((folder / CONFIG).read_text())
-    for k, v in changes.items():
-        if v is _DELETE:
-            del meta[k]
-        else:
-            meta[k] = v
-    (folder / CONFIG).write_text(json.dumps(meta))
-
-
-_DELETE = object()
 
 
 def _assert_refused(folder, exc_type, match, model=None):

@@ -36,3 +36,17 @@ def pattern_batch(vocab, batch=4, seq=16, step=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab, (batch, 1), generator=gen)
     return (start + step * torch.arange(seq)) % vocab
+
+
+def patched_tiny_model(build=tiny_qwen2, seed=0, **cfg):
+    """``build()`` patched with I-LoRA (r=4, K=3, alpha=8, no dropout unless ``cfg`` says otherwise), its B heads
+    drawn from N(0, 1) so that the adapter changes the outputs; seeded."""
+    import ilora_kernels as ik
+
+    torch.manual_seed(seed)
+    model = build()
+    ik.apply_ilora(model, ik.ILoRAConfig(**{"r": 4, "num_heads": 3, "alpha": 8, "dropout": 0.0, **cfg}))
+    with torch.no_grad():
+        for layer in ik.ilora_layers(model).values():
+            layer.lora_b.normal_()
+    return model
