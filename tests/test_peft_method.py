@@ -317,3 +317,16 @@ def test_init_weights_is_an_alias_of_init_lora_weights():
     assert config.init_lora_weights is False
     model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), config)
     assert all(m.lora_B0["default"].weight.abs().sum() > 0 for m in _adapter_layers(model).values())
+
+
+def test_transformers_load_adapter_builds_ilora_layers(tmp_path):
+    """transformers' own PEFT integration (``PreTrainedModel.load_adapter``) goes through PEFT's registry too."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    ids = pattern_batch(base.config.vocab_size)
+    model = get_peft_model(copy.deepcopy(base), _config(["q_proj", "down_proj"])).eval()
+    model.save_pretrained(tmp_path)
+    plain = copy.deepcopy(base)
+    plain.load_adapter(str(tmp_path))
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, pi.ILoRAPeftLinear)
+    torch.testing.assert_close(_output(plain, ids), _output(model, ids), rtol=0, atol=0)
