@@ -2,8 +2,9 @@
 
 Writes ``DIR/<device-slug>-<YYYY-MM-DD>[-quick].csv`` (one row per case x competitor, the fwd / bwd / fwd+bwd
 measures as columns), ``<same stem>.md`` (per case: competitors side by side, ratio to the base layer against the
-FLOP floor, speedup over the Crab+ loop), ``<stem>-time.png``, ``<stem>-ratio.png`` and ``<stem>-memory.png``;
-prints a short table last.
+FLOP floor, speedup over the Crab+ loop), ``<stem>-time.png``, ``<stem>-ratio.png`` and ``<stem>-memory.png``
+(with matplotlib, the ``[bench]`` extra; without it the plots are skipped and the run says so); prints a short table
+and the files it wrote last.
 A progress line per case goes to stderr. Every case x competitor is guarded: an error (OOM, a failing backend) becomes
 an ``error`` row and the suite moves on; the CSV is rewritten after every case, so a killed run leaves its rows.
 
@@ -207,9 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"interrupted ({exc!r}): writing what was measured")
     finally:
         write_csv(stem + ".csv", rows)
+        pngs: List[str] = []
         try:
             notes = write_plots(stem, rows, competitors, f"{args.suite}{' dry-run' if dry else ''}: {dev_name} "
-                                f"({meta['dtype']})")
+                                f"({meta['dtype']})", written=pngs)
         except Exception as exc:
             notes = [f"plots failed: {error_text(exc)}"]
         write_markdown(stem + ".md", rows, header + [f"- {n}" for n in notes], competitors)
@@ -219,7 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nestimated GPU suite time on an H100: {est_s:.0f} s for {len(S.gpu_cases(args.quick))} cases x "
               f"{len(C.GPU_COMPETITORS)} competitors (before Triton compilation/autotuning); per case:")
         print("\n".join("  " + line for line in est_lines))
-    print(f"\nwrote {stem}.csv, {stem}.md and {stem}-{{time,ratio,memory}}.png")
+    print(f"\nwrote {stem}.csv, {stem}.md" + (" and " + ", ".join(pngs) if pngs else ""))
+    for note in notes:
+        if note.startswith(("plots skipped", "plots failed", "time plot skipped")):
+            print(note)
     return 130 if terminated is not None else 0
 
 

@@ -163,6 +163,24 @@ def test_gpu_dry_run_writes_every_output(tmp_path, capsys):
     assert "estimated GPU suite time" in capsys.readouterr().out
 
 
+def test_without_matplotlib_the_run_says_it_skipped_the_plots(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if matplotlib were not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--no-train", "--competitors", "base",
+                 "--only", r"qwen\.q_proj .*N=16 r=128"])
+    assert rc == 0
+    files = sorted(os.listdir(tmp_path))
+    assert not [f for f in files if f.endswith(".png")]
+    out = capsys.readouterr().out
+    wrote = [line for line in out.splitlines() if line.startswith("wrote ")][0]
+    assert ".png" not in wrote and ".csv" in wrote                # it does not claim plots it did not write
+    assert "plots skipped: matplotlib is not installed" in out and "pip install 'ilora-kernels[bench]'" in out
+    md = [f for f in files if f.endswith(".md")][0]
+    assert "plots skipped: matplotlib is not installed" in (tmp_path / md).read_text()
+
+
 def test_error_rows_do_not_stop_the_suite(tmp_path, monkeypatch):
     def broken(inp, case):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

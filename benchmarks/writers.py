@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import competitors as C
 
@@ -90,15 +90,25 @@ def write_markdown(path: str, rows: Sequence[Dict], header: List[str], competito
         f.write("\n".join(lines) + "\n")
 
 
-def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], title: str) -> List[str]:
-    """time vs tokens (log-log, one line per competitor, one panel per shape/rank) and memory bars."""
+PLOTS_SKIPPED_NO_MATPLOTLIB = ("plots skipped: matplotlib is not installed (pip install 'ilora-kernels[bench]', "
+                               "from a checkout: pip install --no-build-isolation -e '.[bench]')")
+
+
+def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], title: str,
+                written: Optional[List[str]] = None) -> List[str]:
+    """time vs tokens (log-log, one line per competitor, one panel per shape/rank) and memory bars. Returns notes
+    for the markdown (what was skipped and why); the paths of the PNGs actually written are appended to
+    ``written``."""
+    written = [] if written is None else written
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+    except ImportError:
+        return [PLOTS_SKIPPED_NO_MATPLOTLIB]
     except Exception as exc:
-        return [f"plots skipped: matplotlib unavailable ({exc!r})"]
+        return [f"plots skipped: matplotlib unusable ({exc!r})"]
     notes = []
     layer_rows = [r for r in rows if not str(r["shape"]).startswith("train.")
                   and r.get("fwdbwd_ms") not in (None, "")]
@@ -129,6 +139,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
         fig.suptitle(title, fontsize=10)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
         fig.savefig(f"{stem}-time.png", dpi=90)
+        written.append(f"{stem}-time.png")
         plt.close(fig)
     # fwd+bwd time / base for every case, with the FLOP floor as a black tick
     cases: Dict[Tuple, Dict[str, Dict]] = {}
@@ -158,6 +169,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(f"{stem}-ratio.png", dpi=90)
+        written.append(f"{stem}-ratio.png")
         plt.close(fig)
     # memory bars: the largest N of every shape/rank group
     mem_key = "peak_mem_bytes" if any(r.get("peak_mem_bytes") not in (None, "") for r in layer_rows) else "saved_bytes"
@@ -184,6 +196,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(f"{stem}-memory.png", dpi=90)
+        written.append(f"{stem}-memory.png")
         plt.close(fig)
     return notes
 

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()})")
     print("\nrouter statistics (held-out batch): mean weight per head, mean entropy (uniform = "
           f"{torch.log(torch.tensor(float(args.heads))).item():.3f})")
-    print(f"{'layer':<40} " + " ".join(f"head{k:<3}" for k in range(args.heads)) + "  entropy")
+    print(f"{'layer':<40} " + " ".join(f"{f'head {k + 1}':>7}" for k in range(args.heads)) + "  entropy")
     for name, g in stats.items():
         entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean().item()
         print(f"{name:<40} " + " ".join(f"{v:7.3f}" for v in g.mean(0).tolist()) + f"  {entropy:7.3f}")

@@ -148,6 +148,55 @@ def test_missing_media_error_and_skip_counts(tmp_path):
     assert [s.index for s in kept] == [0, 2] and kept.skipped == {"ks": 1}
 
 
+def test_skip_counts_by_task_and_reason(tmp_path):
+    demo_data.write_demo_dataset(tmp_path, tasks=("ks", "a2v"), n_train=4, n_test=1, seed=1)
+    base = tmp_path / "AVUIE_2"
+    items = json.loads((base / "ks" / "train.json").read_text())
+    (base / "ks" / "audio" / items[0]["audio_path"]).unlink()
+    (base / "ks" / "audio" / items[3]["audio_path"]).unlink()
+    kept = load_split(tmp_path, "train", skip_missing=True)
+    assert kept.skips.counts == {("ks", "missing_media"): 2} and kept.skips.examples[("ks", "missing_media")] == [0, 3]
+    assert kept.kept_per_task() == {"a2v": 4, "ks": 2} and kept.skips.total == 2
+    assert kept.skips.format("train samples") == "skipped 2 train samples: ks 2 (missing_media 2)"
+    record = json.loads(json.dumps(kept.skips.to_dict(kept.kept_per_task())))   # JSON-serialisable
+    assert record["by_task"] == {"ks": {"missing_media": 2}} and record["kept"] == {"a2v": 4, "ks": 2}
+    assert load_split(tmp_path, "train", tasks=["a2v"], skip_missing=True).skips.format() == "skipped samples: none"
+    # a cap keeps the first N kept samples of each task
+    assert [s.index for s in load_split(tmp_path, "train", skip_missing=True, max_per_task=1)] == [0, 1]
+
+
+def test_empty_task_file_is_an_error_or_a_counted_skip(tmp_path):
+    demo_data.write_demo_dataset(tmp_path, tasks=("ks", "a2v"), n_train=2, n_test=1, seed=1)
+    empty = tmp_path / "AVUIE_2" / "a2v" / "train.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError) as ei:
+        load_split(tmp_path, "train", tasks=["ks", "a2v"])
+    assert "'a2v'" in str(ei.value) and str(empty) in str(ei.value) and "no samples" in str(ei.value)
+    kept = load_split(tmp_path, "train", tasks=["ks", "a2v"], skip_bad=True)
+    assert {s.task for s in kept} == {"ks"} and kept.skips.empty_tasks == {"a2v": str(empty)}
+    assert kept.kept_per_task() == {"ks": 2, "a2v": 0}
+    assert f"task 'a2v': {empty} holds no samples" in kept.skips.format("train samples", kept.kept_per_task())
+
+
+@pytest.mark.parametrize("value, reason", [(None, "null_target"), ("drop", "null_target"), ("  ", "empty_target")])
+def test_null_missing_or_empty_target_is_an_error_or_a_counted_skip(tmp_path, value, reason):
+    demo_data.write_demo_dataset(tmp_path, tasks=("ks",), n_train=3, n_test=1, seed=1)
+    js = tmp_path / "AVUIE_2" / "ks" / "train.json"
+    items = json.loads(js.read_text())
+    if value == "drop":
+        del items[1]["label"]
+    else:
+        items[1]["label"] = value
+    js.write_text(json.dumps(items))
+    with pytest.raises(ValueError) as ei:
+        load_split(tmp_path, "train")
+    msg = str(ei.value)
+    assert "'ks'" in msg and "sample 1" in msg and str(js) in msg and "'label'" in msg   # task, index, file, field
+    kept = load_split(tmp_path, "train", skip_bad=True)
+    assert [s.index for s in kept] == [0, 2] and "None" not in [s.target for s in kept]
+    assert kept.skips.counts == {("ks", reason): 1} and kept.skipped == {"ks": 1}
+
+
 def test_unreadable_media_named_or_skipped(tmp_path, processor):
     demo_data.write_demo_dataset(tmp_path, tasks=("ks",), n_train=2, n_test=1, seed=2)
     samples = load_split(tmp_path, "train")
@@ -160,6 +209,7 @@ def test_unreadable_media_named_or_skipped(tmp_path, processor):
     ds = AVUIEDataset(samples, processor, skip_missing=True)
     item = ds[0]                                               # falls through to the next decodable sample
     assert item["index"] == 1 and ds.skipped == {"ks": 1}
+    assert ds.skips.counts == {("ks", "undecodable_media"): 1}
     # a file that vanished after load_split: dropped at construction when skipping, named otherwise
     samples[1].media["audio"][0].unlink()
     with pytest.raises(MediaError, match="sample 1"):

@@ -111,7 +111,7 @@ def _results(tmp_path, name, scores, metric="accuracy"):
 
 def test_transfer_table_and_positive_share(tmp_path):
     singles = [_results(tmp_path, "st_ks", {"ks": 0.50}), _results(tmp_path, "st_ave", {"ave": 0.40}),
-               _results(tmp_path, "st_two", {"avqa": 0.70, "a2v": 0.60})]
+               _results(tmp_path, "st_avqa", {"avqa": 0.70}), _results(tmp_path, "st_a2v", {"a2v": 0.60})]
     multi = _results(tmp_path, "mt", {"ks": 0.55, "ave": 0.40, "avqa": 0.65, "a2v": 0.90, "meld": 0.3})
     table = transfer_table(singles, multi)
     rows = {r["task"]: r for r in table["rows"]}
@@ -121,6 +121,7 @@ def test_transfer_table_and_positive_share(tmp_path):
     assert table["missing"] == ["meld"]
     text = format_transfer(table)
     assert "positive transfer on 2/4 tasks (50%)" in text and "meld" in text and "+0.300" in text
+    assert rows["a2v"]["n_single"] == rows["a2v"]["n_multi"] == 10 and rows["a2v"]["delta_ci"] is not None
     # a threshold makes small gains count as no transfer
     assert transfer_table(singles, multi, threshold=0.1)["positive"] == 1
 
@@ -267,9 +268,9 @@ def test_cli_help_documents_every_command(capsys):
 def test_cli_report_and_config_error(tmp_path, capsys):
     from ilora_kernels.crab.cli import main
 
-    st = _results(tmp_path, "st", {"ks": 0.5, "ave": 0.5})
+    st = [str(_results(tmp_path, f"st_{t}", {t: 0.5})) for t in ("ks", "ave")]
     mt = _results(tmp_path, "mt", {"ks": 0.75, "ave": 0.25})
-    assert main(["report", "--single", str(st), "--multi", str(mt), "--output-json", str(tmp_path / "t.json")]) == 0
+    assert main(["report", "--single", *st, "--multi", str(mt), "--output-json", str(tmp_path / "t.json")]) == 0
     assert "positive transfer on 1/2 tasks (50%)" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["share_positive"] == 0.5
     bad = tmp_path / "bad.yaml"

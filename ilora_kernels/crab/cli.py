@@ -15,11 +15,160 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..ops.registry import BACKENDS
+
+SKIPPED_SAMPLES_FILE = "skipped_samples.json"
+
+
+class CommandError(Exception):
+    """A user-facing error of a command: printed as one line ``ilora-crab <command>: error: ...``, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# missing optional dependencies: one line naming the extra to install, no traceback
+
+# top-level module -> (what to install, the extra that brings it); crab.* commands need the [crab] extra
+MODULE_EXTRAS: Dict[str, tuple] = {
+    "av": ("PyAV", "crab"), "soundfile": ("soundfile", "crab"), "PIL": ("Pillow", "crab"),
+    "transformers": ("transformers", "crab"), "accelerate": ("accelerate", "crab"), "yaml": ("PyYAML", "crab"),
+    "matplotlib": ("matplotlib", "crab"), "tqdm": ("tqdm", "crab"), "peft": ("PEFT", "peft"),
+}
+TORCHVISION_HINT = ("needs torchvision built for your torch (the Qwen2.5-Omni video processor imports it; no extra "
+                    "installs it, so that pip never replaces your torch): pip install torch==2.14.1 "
+                    "torchvision==0.29.1 (the Makefile's pins), or the torchvision release matching your torch")
+
+
+def missing_extra_message(exc: BaseException) -> Optional[str]:
+    """The one-line hint for an ImportError caused by a missing optional dependency (walks the exception chain),
+    or None when the error is something else."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError):
+            name = (getattr(e, "name", None) or "").split(".")[0]
+            if name in MODULE_EXTRAS:
+                what, extra = MODULE_EXTRAS[name]
+                return (f"this command needs {what} (module {name!r}), which is not installed: install the [{extra}] "
+                        f"extra: pip install 'ilora-kernels[{extra}]' (from a checkout: pip install "
+                        f"--no-build-isolation -e '.[{extra}]')")
+            if name == "torchvision" or "requires the Torchvision library" in str(e):
+                return TORCHVISION_HINT
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def local_world_size(env=None) -> int:
+    """Processes of this launch on this machine: LOCAL_WORLD_SIZE, else WORLD_SIZE (torchrun / Accelerate set
+    them), else 1."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            n = int(env.get(key, ""))
+        except ValueError:
+            continue
+        if n > 0:
+            return n
+    return 1
+
+
+def default_threads(cores: Optional[int] = None, processes: Optional[int] = None) -> int:
+    """min(cores, 8) shared among this machine's processes, at least 1."""
+    cores = available_cores() if cores is None else cores
+    processes = local_world_size() if processes is None else processes
+    return max(1, min(cores, 8) // max(1, processes))
+
+
+def set_threads(requested: Optional[int], command: str = "train", env=None) -> int:
+    """Sets torch's intra-op threads (and OMP_NUM_THREADS / MKL_NUM_THREADS, for worker processes) before any
+    work: ``requested``, else OMP_NUM_THREADS when set, else ``default_threads()``. Warns in one line (local rank
+    0 only) when threads x processes on this machine exceed the cores. Returns the thread count."""
+    import torch
+
+    env = os.environ if env is None else env
+    cores, procs = available_cores(), local_world_size(env)
+    n = requested
+    if n is None:
+        try:
+            n = int(env.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            n = None
+        if n is None or n < 1:
+            n = default_threads(cores, procs)
+    torch.set_num_threads(n)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(n)
+    if n * procs > cores and env.get("LOCAL_RANK", "0") == "0":
+        print(f"ilora-crab {command}: warning: {n} threads x {procs} process{'es' if procs > 1 else ''} = "
+              f"{n * procs} > {cores} CPU cores: oversubscribed OpenMP threads wait on each other (often several "
+              f"times slower); use --threads {max(1, cores // procs)}", file=sys.stderr, flush=True)
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch intra-op CPU threads per process (also OMP_NUM_THREADS/MKL_NUM_THREADS for "
+                        "workers); default OMP_NUM_THREADS when set, else min(cores, 8) divided by the processes "
+                        "on this machine (LOCAL_WORLD_SIZE / WORLD_SIZE). Warns when threads x processes exceed "
+                        "the cores")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samples: loaded here, skips counted, printed and recorded
+
+def load_cli_samples(cfg, split: str, skip_bad: bool, cap: Optional[int]):
+    """``crab.data.load_split`` with the config's data options, ``--skip-bad-samples`` and the per-task cap; its
+    errors (empty task file, null target, missing media) become one-line ``CommandError``s."""
+    from .config import ConfigError
+    from .data import MediaError, load_split
+
+    if cfg.data.root is None:
+        raise ConfigError("data.root is not set (use --data-root or the config's data.root)")
+    try:
+        return load_split(cfg.data.root, split, tasks=list(cfg.data.tasks), skip_missing=cfg.data.skip_missing_media,
+                          skip_bad=skip_bad, max_per_task=cap)
+    except (ValueError, MediaError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def report_skips(samples, split: str, out_dir=None, options: Optional[dict] = None) -> dict:
+    """Prints the skipped-sample counts (per task and reason) and, with ``out_dir``, writes them to
+    ``<out_dir>/skipped_samples.json``. Returns the JSON record."""
+    kept = samples.kept_per_task()
+    record = {"split": split, **(options or {}), **samples.skips.to_dict(kept)}
+    print(samples.skips.format(f"{split} samples", kept), flush=True)
+    if out_dir is not None:
+        path = Path(out_dir) / SKIPPED_SAMPLES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"skip counts: {path}")
+    return record
 
 
 def _tasks(value: str) -> List[str]:
@@ -45,8 +194,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", metavar="FILE", help="JSON prompt file replacing the built-in instruction wording "
                    "(data.prompts)")
     g.add_argument("--skip-missing-media", action="store_true", default=None,
-                   help="skip samples whose media is missing or unreadable and print how many were skipped, "
+                   help="skip samples whose media is missing or unreadable and print how many were skipped per "
+                        "task (train: also in <output-dir>/skipped_samples.json; eval: in the results JSON), "
                         "instead of stopping with an error naming the sample (data.skip_missing_media)")
+    g.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip (and count, like --skip-missing-media) samples whose target is null, missing or "
+                        "empty or whose media field is missing, and tasks whose split file holds no samples ([]), "
+                        "instead of stopping with an error naming the file, task and sample")
     g.add_argument("--num-frames", type=int, metavar="N", help="video frames per clip (data.num_frames; 10)")
     g.add_argument("--frame-size", type=int, metavar="PX", help="frame side in pixels (data.frame_size; 224)")
 
@@ -88,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="turn gradient checkpointing off (training.gradient_checkpointing)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (training.progress_bar)")
+    _add_threads_arg(g)
     g = p.add_argument_group("I-LoRA")
     g.add_argument("--r", type=int, help="rank (ilora.r; 128)")
     g.add_argument("--heads", type=int, help="router heads K (ilora.num_heads; 3; 1 = plain LoRA)")
@@ -115,15 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "task) here")
     g.add_argument("--no-router-stats", action="store_true", help="do not collect router statistics")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads_arg(g)
 
     # ---- report
     p = sub.add_parser("report", help="transfer table (single- vs multi-task) and the router plot",
-                       description="Per-task delta table multi-task minus single-task, and the share of tasks "
-                                   "with positive transfer (the Crab+ headline metric). Optionally the router "
-                                   "plot.")
-    p.add_argument("--single", nargs="+", metavar="JSON", help="results JSONs of the single-task runs (one per "
-                   "task, or files holding several tasks)")
-    p.add_argument("--multi", metavar="JSON", help="results JSON of the multi-task run")
+                       description="Per-task delta table multi-task minus single-task with n and a 95% interval "
+                                   "for every score and delta (Wilson / Newcombe for accuracy, bootstrap over "
+                                   "samples otherwise; 'within noise' when the delta's interval contains 0), and "
+                                   "the share of tasks with positive transfer (the Crab+ headline metric). Warns "
+                                   "when every score is 0. Optionally the router plot.")
+    p.add_argument("--single", nargs="+", metavar="JSON", help="results JSONs of the single-task runs, one task "
+                   "per file (a file holding several tasks is refused: it is a multi-task result)")
+    p.add_argument("--multi", metavar="JSON", help="results JSON of the multi-task run (several tasks; a file "
+                   "holding one task is refused)")
     p.add_argument("--threshold", type=float, default=0.0, help="a delta above this counts as positive transfer "
                    "(default 0)")
     p.add_argument("--output-json", metavar="JSON", help="also write the table as JSON")
@@ -170,8 +329,9 @@ def _overrides(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    set_threads(a.threads, "train")
     from .config import load_config
-    from .train import train
+    from .train import build_dataset, build_model, load_prompt_file, train
 
     o = _overrides(a)
     o.update({"training.output_dir": a.output_dir, "training.max_steps": a.max_steps,
@@ -186,11 +346,22 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.no_progress:
         o["training.progress_bar"] = False
     cfg = load_config(a.config, o)
-    import os
+    main_process = int(os.environ.get("RANK", "0")) == 0
 
-    out = train(cfg, resume=a.resume)
+    # the samples are read here (not inside train()) so that the skip counts are printed and recorded before the
+    # model is built; build_model + build_dataset + train(model=..., train_dataset=...) is train()'s own route
+    samples = load_cli_samples(cfg, "train", a.skip_bad_samples, cfg.data.max_train_samples_per_task)
+    if main_process:
+        report_skips(samples, "train", cfg.training.output_dir,
+                     {"skip_missing_media": bool(cfg.data.skip_missing_media),
+                      "skip_bad_samples": bool(a.skip_bad_samples)})
+    if not samples:
+        raise CommandError(f"no training samples for tasks {cfg.data.tasks} under {cfg.data.root}")
+    model, processor = build_model(cfg)
+    dataset = build_dataset(cfg, processor, samples, prompts=load_prompt_file(cfg))
+    out = train(cfg, resume=a.resume, model=model, processor=processor, train_dataset=dataset)
     _shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         print(f"trained {out['global_step']} steps in {out['train_seconds']:.1f} s; final train loss "
               f"{out['train_loss']:.4f}; adapter in {out['output_dir']}")
     return 0
@@ -206,10 +377,11 @@ def _shutdown_distributed() -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    set_threads(a.threads, "eval")
     from ..adapters import load_ilora
     from .config import load_config
     from .evaluate import evaluate_samples, format_metrics, write_results
-    from .train import CONFIG_COPY, build_model, load_prompt_file, load_samples
+    from .train import CONFIG_COPY, build_model, load_prompt_file
 
     adapter = Path(a.adapter)
     config = a.config
@@ -219,46 +391,54 @@ def cmd_eval(a: argparse.Namespace) -> int:
     o.update({"eval.split": a.split, "eval.max_new_tokens": a.max_new_tokens,
               "data.max_eval_samples_per_task": a.max_samples_per_task})
     cfg = load_config(config, o)
+    samples = load_cli_samples(cfg, cfg.eval.split, a.skip_bad_samples, cfg.data.max_eval_samples_per_task)
+    skipped = report_skips(samples, cfg.eval.split, None,
+                           {"skip_missing_media": bool(cfg.data.skip_missing_media),
+                            "skip_bad_samples": bool(a.skip_bad_samples)})
+    if not samples:
+        raise CommandError(f"no {cfg.eval.split} samples for tasks {cfg.data.tasks} under {cfg.data.root}")
     import torch
 
     model, processor = build_model(cfg, apply_adapter=False,
                                    device="cuda" if torch.cuda.is_available() else None)
     load_ilora(model, adapter)
-    samples = load_samples(cfg, cfg.eval.split)
-    if not samples:
-        raise SystemExit(f"no {cfg.eval.split} samples for tasks {cfg.data.tasks} under {cfg.data.root}")
-    results = evaluate_samples(model, processor, samples, max_new_tokens=cfg.eval.max_new_tokens,
+    run_name = a.run_name or adapter.name
+    results = evaluate_samples(model, processor, list(samples), max_new_tokens=cfg.eval.max_new_tokens,
                                prompts=load_prompt_file(cfg), num_frames=cfg.data.num_frames,
                                frame_size=cfg.data.frame_size, collect_router=not a.no_router_stats,
-                               progress=not a.no_progress, run_name=a.run_name or adapter.name)
+                               progress=not a.no_progress, run_name=run_name)
+    results["skipped"] = skipped
     out = Path(a.output) if a.output else adapter / f"results_{cfg.eval.split}.json"
     write_results(results, out)
     print(format_metrics(results))
     print(f"results: {out}")
     if a.router_plot and results.get("router"):
         from .report import plot_router
-        print(f"router plot: {plot_router(results['router'], a.router_plot)}")
+        print(f"router plot: {plot_router(results['router'], a.router_plot, run=run_name)}")
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from .report import format_router, format_transfer, plot_router, transfer_table
+    from .report import format_router, format_transfer, plot_router, table_json, transfer_table
 
     did = False
-    if a.single or a.multi:
-        if not (a.single and a.multi):
-            raise SystemExit("report: --single and --multi go together")
-        table = transfer_table(a.single, a.multi, threshold=a.threshold)
-        print(format_transfer(table))
-        if a.output_json:
-            Path(a.output_json).write_text(json.dumps(table, indent=2) + "\n")
-        did = True
-    if a.router:
-        print(format_router(a.router))
-        print(f"router plot: {plot_router(a.router, a.plot_out)}")
-        did = True
+    try:
+        if a.single or a.multi:
+            if not (a.single and a.multi):
+                raise CommandError("--single and --multi go together")
+            table = transfer_table(a.single, a.multi, threshold=a.threshold)
+            print(format_transfer(table))
+            if a.output_json:
+                Path(a.output_json).write_text(json.dumps(table_json(table), indent=2) + "\n")
+            did = True
+        if a.router:
+            print(format_router(a.router))
+            print(f"router plot: {plot_router(a.router, a.plot_out)}")
+            did = True
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if not did:
-        raise SystemExit("report: give --single and --multi (transfer table) and/or --router (router plot)")
+        raise CommandError("give --single and --multi (transfer table) and/or --router (router plot)")
     return 0
 
 
@@ -281,8 +461,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, CommandError) as exc:
         print(f"ilora-crab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        hint = missing_extra_message(exc)
+        if hint is None:
+            raise
+        print(f"ilora-crab {args.command}: error: {hint}", file=sys.stderr)
         return 2
 
 

@@ -10,7 +10,11 @@ Media decoding: video with PyAV (``num_frames`` frames uniformly sampled at segm
 ``frame_size``), audio with soundfile (mixed to mono, resampled by band-limited FFT resampling in numpy: the
 spectrum is truncated or zero-padded, i.e. an ideal low-pass, so downsampling does not alias), images with PIL.
 Missing or unreadable media raise ``MediaError`` naming the task, the sample index and the path, unless
-``skip_missing=True`` (then the sample is skipped and counted in ``.skipped``). Never a silent zero tensor.
+``skip_missing=True`` (then the sample is skipped and counted). Never a silent zero tensor. A split file holding no
+samples (``[]``) and a sample whose target is null, missing or empty raise ``ValueError`` naming the file (and the
+task and sample index), unless ``skip_bad=True`` (then they are skipped and counted). Every skip is counted per task
+and reason in a ``SkipCounts`` (``SampleList.skips``, ``AVUIEDataset.skips``; ``SKIP_REASONS`` lists the reasons),
+which the trainer and the CLI print and write (``skipped_samples.json``).
 
 Batches from ``collate`` hold the thinker's forward inputs plus ``task`` (list of str) and ``index`` (list of int);
 ``model_inputs(batch)`` drops those two.
@@ -30,9 +34,9 @@ import torch
 
 from .tasks import QUESTION_FIELDS, TASKS, load_prompts, task_instruction
 
-__all__ = ["Sample", "SampleList", "MediaError", "IGNORE_INDEX", "MODEL_INPUT_KEYS", "resolve_data_root",
-           "load_split", "load_video_frames", "load_audio", "load_image", "resample_audio", "build_messages",
-           "encode_sample", "AVUIEDataset", "collate", "model_inputs", "build_generation_inputs",
+__all__ = ["Sample", "SampleList", "SkipCounts", "SKIP_REASONS", "MediaError", "IGNORE_INDEX", "MODEL_INPUT_KEYS",
+           "resolve_data_root", "load_split", "load_video_frames", "load_audio", "load_image", "resample_audio",
+           "build_messages", "encode_sample", "AVUIEDataset", "collate", "model_inputs", "build_generation_inputs",
            "build_generation_batch"]
 
 IGNORE_INDEX = -100
@@ -63,12 +67,113 @@ class Sample:
     raw: Dict[str, Any] = field(default_factory=dict)
 
 
-class SampleList(list):
-    """A list of ``Sample`` with ``skipped``: a ``Counter`` task -> number of samples skipped for missing media."""
+# Why a sample was skipped: the keys of SkipCounts. The media reasons need skip_missing, the others skip_bad.
+SKIP_REASONS = {
+    "missing_media": "media file not found",
+    "undecodable_media": "media file cannot be decoded",
+    "missing_media_field": "media field missing or empty",
+    "null_target": "target is null or missing",
+    "empty_target": "target is an empty string",
+}
 
-    def __init__(self, items=(), skipped=None):
+
+@dataclass
+class SkipCounts:
+    """Skipped samples counted per (task, reason) (reasons: ``SKIP_REASONS``), the first few sample indices of each,
+    and the tasks whose split file held no sample at all (``empty_tasks``: task -> file)."""
+
+    counts: Dict[Tuple[str, str], int] = field(default_factory=dict)
+    examples: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)
+    empty_tasks: Dict[str, str] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, task: str, reason: str, index: Optional[int] = None, n: int = 1) -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(SKIP_REASONS)}")
+        key = (task, reason)
+        self.counts[key] = self.counts.get(key, 0) + n
+        if index is not None:
+            ex = self.examples.setdefault(key, [])
+            if len(ex) < self.max_examples:
+                ex.append(int(index))
+
+    def update(self, other: "SkipCounts") -> "SkipCounts":
+        for key, n in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+            ex = self.examples.setdefault(key, [])
+            ex.extend(other.examples.get(key, [])[: max(0, self.max_examples - len(ex))])
+        self.empty_tasks.update(other.empty_tasks)
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def by_task(self) -> Counter:
+        """task -> number of samples skipped (all reasons)."""
+        out: Counter = Counter()
+        for (task, _), n in self.counts.items():
+            out[task] += n
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.counts) or bool(self.empty_tasks)
+
+    def to_dict(self, kept: Optional[Mapping[str, int]] = None) -> dict:
+        """JSON form: ``{"total", "by_task": {task: {reason: n}}, "examples": {task: {reason: [index, ...]}},
+        "empty_tasks": {task: file}, "kept": {task: n}}`` (``kept`` when given)."""
+        by_task: Dict[str, Dict[str, int]] = {}
+        examples: Dict[str, Dict[str, List[int]]] = {}
+        for (task, reason), n in sorted(self.counts.items()):
+            by_task.setdefault(task, {})[reason] = n
+            if self.examples.get((task, reason)):
+                examples.setdefault(task, {})[reason] = list(self.examples[(task, reason)])
+        out = {"total": self.total, "by_task": by_task, "examples": examples, "empty_tasks": dict(self.empty_tasks),
+               "reasons": dict(SKIP_REASONS)}
+        if kept is not None:
+            out["kept"] = dict(sorted(kept.items()))
+        return out
+
+    def format(self, what: str = "samples", kept: Optional[Mapping[str, int]] = None) -> str:
+        """One line: ``skipped 3 train samples: ks 2 (missing_media 2), ave 1 (null_target 1)`` or ``... none``;
+        then one line per task whose file was empty or whose samples were all skipped."""
+        if not self:
+            return f"skipped {what}: none"
+        parts = []
+        for task in sorted({t for t, _ in self.counts}):
+            reasons = ", ".join(f"{r} {n}" for (t, r), n in sorted(self.counts.items()) if t == task)
+            parts.append(f"{task} {self.by_task()[task]} ({reasons})")
+        lines = [f"skipped {self.total} {what}" + (": " + "; ".join(parts) if parts else "")]
+        if self.total == 1:
+            lines[0] = lines[0].replace(f"skipped 1 {what}", f"skipped 1 {what.rstrip('s')}", 1)
+        for task, path in sorted(self.empty_tasks.items()):
+            lines.append(f"  task {task!r}: {path} holds no samples: the run has no {task!r} samples")
+        if kept is not None:
+            for task in sorted(self.by_task()):
+                if task not in self.empty_tasks and not kept.get(task):
+                    lines.append(f"  task {task!r}: every sample was skipped: the run has no {task!r} samples")
+        return "\n".join(lines)
+
+
+class SampleList(list):
+    """A list of ``Sample`` with ``skips`` (a ``SkipCounts``), ``skipped`` (task -> number skipped) and ``tasks``
+    (the tasks that were read, in order)."""
+
+    def __init__(self, items=(), skips: Optional[SkipCounts] = None, tasks: Sequence[str] = ()):
         super().__init__(items)
-        self.skipped: Counter = Counter() if skipped is None else skipped
+        self.skips: SkipCounts = SkipCounts() if skips is None else skips
+        self.tasks: List[str] = list(tasks)
+
+    @property
+    def skipped(self) -> Counter:
+        return self.skips.by_task()
+
+    def kept_per_task(self) -> Dict[str, int]:
+        """task -> samples kept, every task read included (0 for a task that lost them all)."""
+        kept = {t: 0 for t in self.tasks}
+        for s in self:
+            kept[s.task] = kept.get(s.task, 0) + 1
+        return kept
 
 
 # ------------------------------------------------------------------------------------------------------ reader
@@ -111,11 +216,15 @@ def _resolve_media(task_dir: Path, name: str, subdir: str) -> Path:
     return (task_dir / p).absolute()
 
 
-def load_split(root, split: str, tasks: Optional[Sequence[str]] = None, skip_missing: bool = False) -> SampleList:
+def load_split(root, split: str, tasks: Optional[Sequence[str]] = None, skip_missing: bool = False,
+               skip_bad: bool = False, max_per_task: Optional[int] = None) -> SampleList:
     """Reads ``<task>/<split>.json`` for each task (``tasks=None``: every known task folder that has the split).
 
-    Returns a ``SampleList`` (a list of ``Sample``); a sample whose media file does not exist raises ``MediaError``
-    or, with ``skip_missing=True``, is skipped and counted in ``result.skipped[task]``."""
+    Returns a ``SampleList`` (a list of ``Sample``) whose ``skips`` counts what was skipped, per task and reason.
+    A sample whose media file does not exist raises ``MediaError``, or with ``skip_missing=True`` is skipped and
+    counted. A split file holding no sample, and a sample whose target is null, missing or empty (or whose media
+    field is missing), raise ``ValueError`` naming the file (task, sample index), or with ``skip_bad=True`` are
+    skipped and counted. ``max_per_task``: keep the first N kept samples of each task."""
     base = resolve_data_root(root)
     if tasks is None:
         tasks = [t for t in TASKS if (base / t / f"{split}.json").is_file()]
@@ -127,7 +236,8 @@ def load_split(root, split: str, tasks: Optional[Sequence[str]] = None, skip_mis
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task keys {unknown}; known: {', '.join(TASKS)}")
-    out = SampleList()
+    out = SampleList(tasks=tasks)
+    skips = out.skips
     for task in tasks:
         spec = TASKS[task]
         task_dir = (base / task).absolute()
@@ -141,30 +251,58 @@ def load_split(root, split: str, tasks: Optional[Sequence[str]] = None, skip_mis
                 raise ValueError(f"task {task!r}: {js} is not valid JSON: {e}") from None
         if not isinstance(items, list):
             raise ValueError(f"task {task!r}: {js} must hold a JSON list of samples, got {type(items).__name__}")
+        if not items:
+            if not skip_bad:
+                raise ValueError(f"task {task!r}: {js} holds no samples ([]); remove the task from the task list "
+                                 f"or pass --skip-bad-samples to run without it")
+            skips.empty_tasks[task] = str(js)
+            continue
+        kept = 0
         for i, raw in enumerate(items):
+            if max_per_task is not None and kept >= max_per_task:
+                break
+            where = f"task {task!r} sample {i} in {js}"
             if not isinstance(raw, dict):
-                raise ValueError(f"task {task!r} sample {i} in {js}: expected an object, got {type(raw).__name__}")
-            if spec.target_field not in raw:
-                raise ValueError(f"task {task!r} sample {i} in {js}: target field {spec.target_field!r} missing "
-                                 f"(fields: {sorted(raw)})")
-            target = raw[spec.target_field]
+                raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
+            target = raw.get(spec.target_field)
+            if target is None:
+                if skip_bad:
+                    skips.add(task, "null_target", i)
+                    continue
+                state = "null" if spec.target_field in raw else f"missing (fields: {sorted(raw)})"
+                raise ValueError(f"{where}: target field {spec.target_field!r} is {state}; fix the sample or pass "
+                                 f"--skip-bad-samples to skip (and count) such samples")
             target = target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
+            if not target.strip():
+                if skip_bad:
+                    skips.add(task, "empty_target", i)
+                    continue
+                raise ValueError(f"{where}: target field {spec.target_field!r} is an empty string; fix the sample "
+                                 f"or pass --skip-bad-samples to skip (and count) such samples")
             media: Dict[str, List[Path]] = {}
             missing = None
+            bad_field = None
             for fld, kind, subdir in spec.media_fields:
                 name = raw.get(fld)
                 if not isinstance(name, str) or not name:
-                    raise ValueError(f"task {task!r} sample {i} in {js}: media field {fld!r} missing or empty")
+                    bad_field = fld
+                    break
                 path = _resolve_media(task_dir, name, subdir)
                 media.setdefault(kind, []).append(path)
                 if missing is None and not path.is_file():
                     missing = (fld, path)
+            if bad_field is not None:
+                if skip_bad:
+                    skips.add(task, "missing_media_field", i)
+                    continue
+                raise ValueError(f"{where}: media field {bad_field!r} missing or empty")
             if missing is not None:
                 if skip_missing:
-                    out.skipped[task] += 1
+                    skips.add(task, "missing_media", i)
                     continue
                 raise MediaError(task, i, missing[1], f"{missing[0]} file not found")
             out.append(Sample(task=task, index=i, target=target, instruction=_question(raw), media=media, raw=raw))
+            kept += 1
     return out
 
 
@@ -457,7 +595,8 @@ class AVUIEDataset(torch.utils.data.Dataset):
     ``task``, ``index`` and ``pad_token_id``.
 
     ``skip_missing=True``: samples whose media files do not exist are dropped at construction (counted in
-    ``self.skipped``); a file that exists but cannot be decoded is counted there too and the next sample is returned
+    ``self.skips``, which starts from the samples' own ``skips``); a file that exists but cannot be decoded is counted
+    there too and the next sample is returned
     instead (counts made inside DataLoader worker processes stay in those processes). Otherwise ``MediaError``."""
 
     def __init__(self, samples: Sequence[Sample], processor, num_frames: int = 10, frame_size=224,
@@ -469,22 +608,28 @@ class AVUIEDataset(torch.utils.data.Dataset):
         self.max_audio_seconds = max_audio_seconds
         self.prompts = load_prompts() if prompts is None else (load_prompts(prompts) if isinstance(prompts, (str, Path))
                                                                else prompts)
-        self.skipped: Counter = Counter(getattr(samples, "skipped", Counter()))
+        self.skips = SkipCounts()
+        if isinstance(getattr(samples, "skips", None), SkipCounts):
+            self.skips.update(samples.skips)
         kept = []
         for s in samples:
             missing = [p for ps in s.media.values() for p in ps if not Path(p).is_file()]
             if missing:
                 if not skip_missing:
                     raise MediaError(s.task, s.index, missing[0], "media file not found")
-                self.skipped[s.task] += 1
+                self.skips.add(s.task, "missing_media", s.index)
                 continue
             kept.append(s)
         if not kept:
-            raise ValueError("AVUIEDataset: no samples" + (f" (all skipped: {dict(self.skipped)})"
-                                                           if self.skipped else ""))
+            raise ValueError("AVUIEDataset: no samples" + (f" ({self.skips.format()})" if self.skips else ""))
         self.samples = kept
         pad = processor.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else processor.tokenizer.eos_token_id
+
+    @property
+    def skipped(self) -> Counter:
+        """task -> number of samples skipped (``skips`` has the reasons)."""
+        return self.skips.by_task()
 
     def __len__(self):
         return len(self.samples)
@@ -505,7 +650,7 @@ class AVUIEDataset(torch.utils.data.Dataset):
             try:
                 return self._item(j)
             except MediaError:
-                self.skipped[self.samples[j].task] += 1
+                self.skips.add(self.samples[j].task, "undecodable_media", self.samples[j].index)
         raise RuntimeError("AVUIEDataset: no sample could be decoded")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -128,13 +127,14 @@ class _Demo:
 
     # ---- the whole demo --------------------------------------------------------------------------------------
     def main(self) -> int:
+        from .cli import set_threads
         from .data import AVUIEDataset, load_split
         from .demo_data import write_demo_dataset
         from .model import build_tiny_processor
-        from .report import format_router, format_transfer, plot_router, transfer_table
+        from .report import format_router, format_transfer, plot_router, table_json, transfer_table
 
         t0 = time.perf_counter()
-        torch.set_num_threads(self.args.threads)
+        set_threads(self.args.threads, "demo")
         print("Crab+ demo: the tiny Qwen2.5-Omni thinker (random frozen weights) + I-LoRA on synthetic AV-UIE v2 "
               "tasks, on CPU")
         shutil.rmtree(self.out / "data", ignore_errors=True)
@@ -185,37 +185,35 @@ class _Demo:
             print(f"  {task:<6} {_fmt(chance)}  " + "  ".join(f"{_fmt(v):>10}" for v in row))
 
         tables = {}
-        for k in ([3, 1] if ran_k1 else [3]):
+        if len(self.tasks) < 2:
+            print("\n(no transfer table: the multi-task run needs at least two tasks)")
+        for k in ([3, 1] if ran_k1 else [3]) if len(self.tasks) >= 2 else []:
             singles = [self.results[f"single_k{k}_{t}"] for t in self.tasks]
             table = transfer_table(singles, self.results[f"multi_k{k}"])
             tables[k] = table
             label = "I-LoRA K=3" if k == 3 else "LoRA K=1"
             print("\n" + format_transfer(table, title=f"transfer, {label}: multi-task minus single-task"))
 
-        # honesty: how large is the noise at this test-set size?
-        noisy = []
-        for k, table in tables.items():
-            for r in table["rows"]:
-                se = math.sqrt(max(r["single"] * (1 - r["single"]), 1e-9) / n
-                               + max(r["multi"] * (1 - r["multi"]), 1e-9) / n)
-                if abs(r["delta"]) < 2 * se:
-                    noisy.append(f"K={k} {r['task']}")
-        print(f"\nwhat the toy shows: with {n} test samples per task one accuracy has a standard error of up to "
-              f"{0.5 / math.sqrt(n):.2f}, so a delta needs roughly 2 x {math.sqrt(0.5) / math.sqrt(n):.2f} to "
-              f"stand out. {len(noisy)} of {sum(len(t['rows']) for t in tables.values())} deltas are within "
-              f"that noise" + (f" ({', '.join(noisy)})" if noisy else "") + ". The random frozen base knows "
+        # honesty: how large is the noise at this test-set size? (the report's 95% intervals of the deltas)
+        noisy = [f"K={k} {r['task']}" for k, table in tables.items() for r in table["rows"] if r["within_noise"]]
+        widest = max((r["delta_ci"][1] - r["delta_ci"][0] for t in tables.values() for r in t["rows"]
+                      if r["delta_ci"] is not None), default=float("nan"))
+        print(f"\nwhat the toy shows: with {n} test samples per task the 95% interval of a delta is up to "
+              f"{widest:.2f} wide, so only a large delta stands out. {len(noisy)} of "
+              f"{sum(len(t['rows']) for t in tables.values())} deltas are within noise (their interval contains 0)"
+              + (f" ({', '.join(noisy)})" if noisy else "") + ". The random frozen base knows "
               "nothing, so these runs show the machinery (routing, per-task loss, transfer bookkeeping) working "
               "end to end, not the Crab+ result; positive-transfer shares at this scale are not evidence for "
               "or against it.")
 
-        print("\nrouter (multi-task I-LoRA K=3, test-set tokens): mean weight per head, routing entropy")
-        print(format_router(multi_k3))
+        print("\n" + format_router(multi_k3, title="router, run multi_k3 (multi-task I-LoRA K=3, test-set tokens): "
+                                                   "mean weight per head, routing entropy"))
         plot = plot_router(multi_k3, self.out / "router_multi_k3.png")
         print(f"router plot: {plot}")
         summary = {"tasks": self.tasks, "n_train": self.args.n_train, "n_test": n,
                    "steps_per_task": self.steps_per_task, "scores": {
                        name: {t: v["score"] for t, v in r["tasks"].items()} for name, r in self.results.items()},
-                   "transfer": {f"K={k}": t for k, t in tables.items()}, "run_seconds": self.timings,
+                   "transfer": {f"K={k}": table_json(t) for k, t in tables.items()}, "run_seconds": self.timings,
                    "wall_seconds": round(time.perf_counter() - t0, 1)}
         (self.out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"results: {self.out / 'runs'}/*/results.json, summary: {self.out / 'demo_summary.json'}")

@@ -487,11 +487,24 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def format_metrics(results: Mapping) -> str:
-    """One line per task: metric, score, extras, n."""
-    lines = []
-    for task, r in sorted(results.get("tasks", {}).items()):
+def format_metrics(results: Mapping, title: Optional[str] = None) -> str:
+    """A titled table, one line per task: metric, score with its 95% interval (``crab.report.score_interval``:
+    Wilson for accuracy, bootstrap over samples otherwise), extras, n; a warning when every score is 0."""
+    from .report import fmt_interval, per_sample_scores, score_interval
+
+    tasks = results.get("tasks", {})
+    run = results.get("run") or "(unnamed run)"
+    lines = [title or f"per-task scores, run {run} (95% intervals: Wilson for accuracy, bootstrap over samples "
+                      f"otherwise)"]
+    scores = [r.get("score") for r in tasks.values()]
+    if scores and all(isinstance(v, (int, float)) and v == 0 for v in scores):
+        lines.append(f"  WARNING: every score is 0 ({len(scores)} tasks): nothing was learned (or no answer is "
+                     f"extracted from the generations)")
+    per_sample = per_sample_scores(results)
+    for task, r in sorted(tasks.items()):
         extras = ", ".join(f"{k}={v:.3f}" for k, v in r.items()
                            if k not in ("score", "metric", "n", "correct", r["metric"]) and isinstance(v, float))
-        lines.append(f"  {task:<10} {r['metric']:<9} {r['score']:.3f}  (n={r['n']}{', ' + extras if extras else ''})")
+        ci, _ = score_interval(r, per_sample.get(task))
+        lines.append(f"  {task:<10} {r['metric']:<9} {r['score']:.3f} {fmt_interval(ci)}  "
+                     f"(n={r['n']}{', ' + extras if extras else ''})")
     return "\n".join(lines)

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
-__all__ = ["TaskSpec", "TASKS", "TASK_KEYS", "MEDIA_KINDS", "METRICS", "DEFAULT_PROMPTS_PATH", "load_prompts",
-           "task_instruction"]
+__all__ = ["TaskSpec", "TASKS", "TASK_KEYS", "MEDIA_KINDS", "METRICS", "PROPORTION_METRICS", "DEFAULT_PROMPTS_PATH",
+           "load_prompts", "task_instruction"]
 
 MEDIA_KINDS = ("video_audio", "a2v", "v2a", "image_audio")
 METRICS = ("accuracy", "avvp_f1", "iou", "caption")
+# Metrics whose per-sample value is 0 or 1, so the score is a proportion (the report gives it a Wilson interval);
+# the others are means of per-sample values in [0, 1] (bootstrap intervals over samples).
+PROPORTION_METRICS = ("accuracy",)
 
 # JSON fields per media kind: (field, kind of file, sub-folder of the task folder the file name lives in).
 # Image tasks carry paths relative to the task folder itself (sub-folder "").
