@@ -62,18 +62,240 @@ def test_parse_avvp_format():
 
 
 def test_avvp_segment_and_event_f1():
-    # target: speech 0-10 (10 segments), dog 3-5 (2 segments); prediction: speech 0-10, dog 3-4, car 8-9
+    # target: speech 0-10, dog 3-5; prediction: speech 0-10, dog 3-4, car 8-9 (no modality: audible and visible)
     out = avvp_f1(["speech, 0-10; dog, 3-4; car, 8-9"], ["speech, 0-10; dog, 3-5"])
-    # segments: pred 12, true 12, tp 11 -> F1 = 22/24
-    assert out["segment_f1"] == pytest.approx(22 / 24)
-    # events: speech matches (IoU 1), dog matches (IoU 0.5 >= 0.5), car is a false positive -> F1 = 4/5
-    assert out["event_f1"] == pytest.approx(4 / 5)
+    # segments, F1 per class then averaged over classes: speech 1, dog 2/3, car 0 -> 5/9 (Type@AV)
+    assert out["segment_f1"] == pytest.approx(5 / 9)
+    # events: speech matches (IoU 1), dog matches (IoU 0.5 >= 0.5), car is a false positive -> (1 + 1 + 0) / 3
+    assert out["event_f1"] == pytest.approx(2 / 3)
     assert out["score"] == out["segment_f1"]
     # a shifted event below the IoU threshold does not match; empty vs empty scores 1
     out = avvp_f1(["dog, 0-2", ""], ["dog, 1-4", ""])
     assert out["per_sample"][0] == pytest.approx(2 * 1 / (2 + 3))
     assert out["event_f1"] == pytest.approx((0.0 + 1.0) / 2)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# upstream (GeWu-Lab/Crab_Plus) answer formats: <answer> tags, length-cut generations, AVVP per modality,
+# segmentation tasks scored from text with a note
+
+def test_extract_answer_reads_answer_tags():
+    from ilora_kernels.crab.evaluate import parse_answer
+
+    # upstream's targets/answers: "<answer>X</answer>" (often with a trailing full stop) after the reasoning
+    assert extract_answer("The man plays the saxophone. So the answer is <answer> saxophone </answer>.") == \
+        "saxophone"
+    assert extract_answer("<answer>happy</answer>.") == "happy"
+    # the last complete pair wins; tags are case- and whitespace-tolerant
+    assert extract_answer("<answer>drum</answer> no wait: < ANSWER >Bell</ Answer >") == "Bell"
+    assert extract_answer("<answer>\nmulti\nline\n</answer>") == "multi\nline"
+    assert extract_answer("reasoning <answer>second</answer>.", ["first", "second"]) == "second"
+    assert extract_answer("<answer>the 2nd one</answer>", ["1st one", "2nd one"]) == "2nd one"
+    # tags take precedence over an "Answer:" marker; the marker format still works without tags
+    assert extract_answer("Answer: drum <answer>bell</answer>") == "bell"
+    assert parse_answer("reasoning ... Answer: horn") == ("horn", False)
+    # an unclosed <answer> at the end of a cut generation: the rest is the answer, reported as cut
+    assert parse_answer("it is a <answer>guitar and pia") == ("guitar and pia", True)
+    assert parse_answer("<answer>a</answer> then <answer>b c") == ("b c", True)
+    assert parse_answer("<answer>a</answer> then more") == ("a", False)
+    assert parse_answer("<answer></answer>") == ("", False)
+
+
+def test_tagged_answers_score_in_accuracy_and_caption():
+    preds = ["The person frowns. <answer>Sad</answer>.", "<answer>happy</answer>", "Answer: angry",
+             "so <answer>neutral"]
+    targets = ["<answer>sad</answer>.", "<answer>sad</answer>.", "<answer>angry</answer>.", "<answer>neutral</answer>."]
+    out = accuracy(preds, targets)
+    assert out["per_sample"] == [True, False, True, True] and out["score"] == pytest.approx(3 / 4)
+    assert accuracy(["<answer>1</answer>."], ["<answer>1</answer>."])["score"] == 1.0   # a2v/v2a test layout
+    assert caption_f1(["<answer>a red circle</answer>"], ["<answer>a red square</answer>"])["score"] == \
+        pytest.approx(2 / 3)
+    assert iou_score(["<answer>dog</answer> box [0, 0, 10, 10]"], ["[0,0,10,5]"])["score"] == pytest.approx(0.5)
+
+
+def test_parse_avvp_accepts_upstream_layouts_with_modalities():
+    from ilora_kernels.crab.evaluate import parse_avvp_events
+
+    # Crab's prediction layout: modality tags, "label,(start end)"
+    pred = ("The chainsaw is visible and running from the beginning (0 seconds) to the end (10 seconds). "
+            "Therefore, visual and audio events are: <visual>Chainsaw,(0 10)</visual> and "
+            "<audio>Chainsaw,(0 10)</audio>")
+    assert parse_avvp_events(pred) == [("visual", "chainsaw", 0.0, 10.0), ("audio", "chainsaw", 0.0, 10.0)]
+    # Crab's label layout: "Audio: label, [s,e]  Visual: label, [s,e],[s,e],..."
+    label = "Audio: Chainsaw, [0,10]  Visual: Chainsaw, [0,1],[3,6],[9,10]"
+    assert parse_avvp_events(label) == [("audio", "chainsaw", 0.0, 10.0), ("visual", "chainsaw", 0.0, 1.0),
+                                        ("visual", "chainsaw", 3.0, 6.0), ("visual", "chainsaw", 9.0, 10.0)]
+    # Crab v1 training tags, several events in one tag, labels with commas and underscores, <answer> wrapping
+    text = ("<answer><audio_event>Speech,(0 3), Baby_cry_infant_cry,(2 5)</audio_event>"
+            "<visual_event>Male speech, man speaking, [0,8]</visual_event></answer>")
+    assert parse_avvp_events(text) == [("audio", "speech", 0.0, 3.0), ("audio", "baby cry infant cry", 2.0, 5.0),
+                                       ("visual", "male speech, man speaking", 0.0, 8.0)]
+    # our reader's layout and a bare event list (no modality: audible and visible)
+    assert parse_avvp_events("audio: drum 0-1; visual: drum 0-1") == [("audio", "drum", 0.0, 1.0),
+                                                                       ("visual", "drum", 0.0, 1.0)]
+    assert parse_avvp_events("speech, 0-10") == [("both", "speech", 0.0, 10.0)]
+    # an unclosed modality tag at the end of a cut generation keeps its events
+    assert parse_avvp_events("<audio>Dog,(2 4)</audio><visual>Dog,(3 6)") == [("audio", "dog", 2.0, 4.0),
+                                                                              ("visual", "dog", 3.0, 6.0)]
+
+
+def test_avvp_per_modality_segment_and_event_level():
+    pred = "Therefore: <visual>Chainsaw,(0 10)</visual> and <audio>Chainsaw,(0 10)</audio>"
+    true = "Audio: Chainsaw, [0,10]  Visual: Chainsaw, [0,1],[3,6],[9,10]"
+    out = avvp_f1([pred], [true])
+    # segments: audio 10/10 -> 1; visual TP 5, FP 5 -> 2/3; audio-visual (a AND v) TP 5, FP 5 -> 2/3;
+    # Event@AV pools audio and visual counts: TP 15, FP 5 -> 6/7; Type@AV = mean(a, v, av) = 7/9
+    assert out["seg_audio"] == pytest.approx(1.0)
+    assert out["seg_visual"] == pytest.approx(2 / 3) and out["seg_av"] == pytest.approx(2 / 3)
+    assert out["seg_event_av"] == pytest.approx(6 / 7) and out["seg_type_av"] == pytest.approx(7 / 9)
+    # events (IoU >= 0.5): audio 1 matched -> 1; visual one predicted 0-10 matches none of 0-1, 3-6, 9-10 -> 0;
+    # Event@AV: TP 1, FP 1, FN 3 -> 1/3; Type@AV = 1/3
+    assert out["evt_audio"] == pytest.approx(1.0) and out["evt_visual"] == 0.0 and out["evt_av"] == 0.0
+    assert out["evt_event_av"] == pytest.approx(1 / 3) and out["evt_type_av"] == pytest.approx(1 / 3)
+    # the headline is the segment-level Type@AV; segment_f1 / event_f1 are the two Type@AV numbers
+    assert out["score"] == out["seg_type_av"] == out["segment_f1"] and out["event_f1"] == out["evt_type_av"]
+    assert out["per_sample"] == [pytest.approx(7 / 9)]
+
+
+def test_avvp_averages_over_classes_then_videos():
+    # no modality given: the events count as audible and visible. Per class: speech 1, dog 2/3 (3-4 vs 3-5),
+    # car 0 (false positive) -> 5/9 for audio, visual and audio-visual; events: speech 1, dog 1 (IoU 0.5), car 0
+    out = avvp_f1(["speech, 0-10; dog, 3-4; car, 8-9", ""], ["speech, 0-10; dog, 3-5", ""])
+    # the second video has no event in target and prediction: 1 everywhere (all true negatives)
+    assert out["seg_audio"] == pytest.approx((5 / 9 + 1) / 2) and out["seg_type_av"] == pytest.approx((5 / 9 + 1) / 2)
+    assert out["evt_visual"] == pytest.approx((2 / 3 + 1) / 2)
+    assert out["unparsed_targets"] == 0 and "note" not in out
+    # a target without any parsable event is counted and named in a note, not silently scored
+    out = avvp_f1(["dog, 0-2"], ["Dog"])
+    assert out["unparsed_targets"] == 1 and "no parsable event" in out["note"]
+    assert score_task("avvp_f1", ["a, 0-2"], ["a, 0-2"])["evt_type_av"] == 1.0
+
+
+def test_segmentation_tasks_are_scored_from_text_with_a_note():
+    from ilora_kernels.crab.tasks import TASKS
+
+    for task in ("s4", "ms3", "ref_avs"):
+        assert TASKS[task].metric == "seg_text"
+    # upstream's s4/ms3 test layout: the target names the sounding object only
+    targets = ["The object making the sound in the video is dog."] * 2 + \
+              ["The object making the sound in the video is man, guitar."]
+    preds = ["The sounding object is <answer>dog</answer>, box [10,20,100,200], points [30,40],[50,60],[70,80].",
+             "It is a cat [1,2,3,4].", "A guitar is playing [5,5,50,50]"]
+    out = score_task("seg_text", preds, targets)
+    assert out["per_sample"] == [1.0, 0.0, 0.5] and out["score"] == pytest.approx(0.5)
+    assert out["basis"] == "object_name" and out["prompt_rate"] == pytest.approx(1.0)
+    assert "text-only proxy" in out["note"] and "mask decoder" in out["note"]
+    # a target that carries a box (train layout) is scored by box IoU, still as a proxy
+    out = score_task("seg_text", ["[0,0,10,5] [3,3]", "no box"], ["box [0,0,10,10] points [1,1]", "[0,0,4,4]"])
+    assert out["per_sample"] == pytest.approx([0.5, 0.0]) and out["basis"] == "box_iou"
+    assert out["prompt_rate"] == pytest.approx(0.5)
+    # ref_avs test layout: the target is the referring expression; "<answer>false</answer>" says absent
+    out = score_task("seg_text", ["<answer>true</answer> The dog on the left is at [1,1,9,9].",
+                                  "<answer>false</answer> the object is absent."],
+                     ["the dog on the left", "the dog on the left"])
+    assert out["per_sample"] == [1.0, 0.0] and out["said_absent"] == pytest.approx(0.5)
+    assert score_task("seg_text", [], [])["n_scored"] == 0
+
+
+def test_default_generation_length_is_upstreams():
+    import inspect
+
+    from ilora_kernels.crab import evaluate as ev
+
+    assert ev.UPSTREAM_MAX_NEW_TOKENS == 512
+    for fn in (ev.generate_predictions, ev.evaluate_samples):
+        assert inspect.signature(fn).parameters["max_new_tokens"].default == 512
+
+
+class _FakeTokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        words = {5: "<answer>", 6: "drum", 7: "</answer>", 8: "so", 9: "dog, 0-10"}
+        return " ".join(words[int(i)] for i in ids if int(i) in words)
+
+
+class _FakeModel:
+    """generate() appends a scripted continuation per prompt (the prompt's first token picks it), cut at
+    max_new_tokens like transformers."""
+
+    def __init__(self, scripts):
+        import torch
+
+        self.scripts = scripts
+        self.calls = []
+        self._p = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self._p])
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, **kw):
+        import torch
+
+        self.calls.append(max_new_tokens)
+        new = self.scripts[int(input_ids[0, 0])][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1)
+
+
+def _fake_eval(monkeypatch, scripts, samples, **kw):
+    import torch
+
+    from ilora_kernels.crab import data as crab_data
+    from ilora_kernels.crab.evaluate import evaluate_samples
+
+    def fake_inputs(sample, processor, **_):
+        return {"input_ids": torch.tensor([[sample.index, 1, 1]]), "attention_mask": torch.ones(1, 3)}
+
+    monkeypatch.setattr(crab_data, "build_generation_inputs", fake_inputs)
+    model = _FakeModel(scripts)
+    return model, evaluate_samples(model, _FakeTokenizer(), samples, collect_router=False, progress=False, **kw)
+
+
+def test_generations_cut_by_the_length_limit_are_counted_per_task(monkeypatch):
+    from ilora_kernels.crab.data import Sample
+    from ilora_kernels.crab.evaluate import format_metrics, generate_predictions
+
+    scripts = {0: [5, 6, 7, 2],            # "<answer> drum </answer>" + EOS: 4 tokens, ends with EOS
+               1: [8, 5, 8, 6, 8, 8],      # never ends: cut at max_new_tokens, "<answer>" left open
+               2: [5, 6, 7]}               # 3 tokens, no EOS: under a limit of 4, cut by a limit of 3
+    samples = [Sample("ks", i, "<answer>drum</answer>", "") for i in range(3)]
+    model, res = _fake_eval(monkeypatch, scripts, samples, max_new_tokens=4)
+    ks = res["tasks"]["ks"]
+    assert ks["cut_by_length"] == 1 and ks["score"] == pytest.approx(2 / 3)   # sample 1: "so <answer> so drum"
+    assert ks["unclosed_answer"] == 1 and res["max_new_tokens"] == 4
+    assert [p["cut_by_length"] for p in res["predictions"]] == [False, True, False]
+    assert [p["answer_cut"] for p in res["predictions"]] == [False, True, False]
+    text = format_metrics(res)
+    assert "cut_by_length=1/3" in text and "max_new_tokens (4)" in text
+    _, res = _fake_eval(monkeypatch, scripts, samples, max_new_tokens=3)
+    assert res["tasks"]["ks"]["cut_by_length"] == 3
+    # generate_predictions reports the flags on request and keeps its plain list otherwise
+    texts, cut = generate_predictions(model, _FakeTokenizer(), samples, max_new_tokens=4, progress=False,
+                                      return_cut=True)
+    assert cut == [False, True, False] and texts[0] == "<answer> drum </answer>"
+    assert generate_predictions(model, _FakeTokenizer(), samples[:1], max_new_tokens=4, progress=False) == \
+        ["<answer> drum </answer>"]
+    # the default generation length reaches model.generate
+    model.calls.clear()
+    generate_predictions(model, _FakeTokenizer(), samples[:1], progress=False)
+    assert model.calls == [512]
+
+
+def test_format_metrics_prints_the_segmentation_note(monkeypatch):
+    from ilora_kernels.crab.data import Sample
+    from ilora_kernels.crab.evaluate import format_metrics
+
+    scripts = {0: [9, 2], 1: [5, 6, 7, 2]}
+    samples = [Sample("avvp", 0, "speech, 0-10", ""), Sample("s4", 1, "The object making the sound is drum.", "")]
+    _, res = _fake_eval(monkeypatch, scripts, samples)
+    assert res["tasks"]["s4"]["score"] == 1.0 and "mask decoder" in res["tasks"]["s4"]["note"]
+    assert res["tasks"]["avvp"]["score"] == 0.0 and res["tasks"]["avvp"]["cut_by_length"] == 0
+    text = format_metrics(res)
+    assert "note: text-only proxy" in text and "seg_type_av=" in text and "segment_f1=" not in text
 
 def test_iou_for_boxes_and_intervals():
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 5]) == pytest.approx(0.5)

@@ -11,7 +11,8 @@ Media kinds:
   ``image_audio``  ``image_path`` + ``audio_path``, paths relative to the task folder
 
 Metrics (``METRICS``; each has one scorer in ``crab.evaluate.SCORERS``): ``accuracy`` (classification, QA, AVE),
-``avvp_f1`` (segment/event-level F1), ``iou`` (temporal or spatial localisation), ``caption`` (free text).
+``avvp_f1`` (segment/event-level F1 per modality), ``iou`` (temporal or spatial localisation), ``caption`` (free
+text), ``seg_text`` (s4, ms3, ref_avs: a text-only proxy; their mask metrics need a mask decoder).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["TaskSpec", "TASKS", "TASK_KEYS", "MEDIA_KINDS", "METRICS", "PROPORTI
            "load_prompts", "task_instruction"]
 
 MEDIA_KINDS = ("video_audio", "a2v", "v2a", "image_audio")
-METRICS = ("accuracy", "avvp_f1", "iou", "caption")
+METRICS = ("accuracy", "avvp_f1", "iou", "caption", "seg_text")
 # Metrics whose per-sample value is 0 or 1, so the score is a proportion (the report gives it a Wilson interval);
 # the others are means of per-sample values in [0, 1] (bootstrap intervals over samples).
 PROPORTION_METRICS = ("accuracy",)
@@ -76,9 +77,9 @@ TASKS: Dict[str, TaskSpec] = dict([
     _t("unav", "label_content", "video_audio", "iou", "untrimmed audio-visual dense event localisation (UnAV)"),
     _t("avvp", "label_content", "video_audio", "avvp_f1", "audio-visual video parsing (LLP/AVVP)"),
     _t("arig", "label_content", "image_audio", "iou", "audio-referred image grounding (boxes)"),
-    _t("s4", "label_content", "image_audio", "iou", "AVSBench single-source sound source localisation"),
-    _t("ms3", "label_content", "image_audio", "iou", "AVSBench multi-source sound source localisation"),
-    _t("ref_avs", "output", "image_audio", "iou", "referring audio-visual segmentation (Ref-AVS)"),
+    _t("s4", "label_content", "image_audio", "seg_text", "AVSBench single-source sound source localisation"),
+    _t("ms3", "label_content", "image_audio", "seg_text", "AVSBench multi-source sound source localisation"),
+    _t("ref_avs", "output", "image_audio", "seg_text", "referring audio-visual segmentation (Ref-AVS)"),
     _t("avcap", "label_content", "video_audio", "caption", "audio-visual captioning"),
     _t("avqa", "label", "video_audio", "accuracy", "MUSIC-AVQA audio-visual question answering"),
     _t("avqa_thu", "label", "video_audio", "accuracy", "AVQA (THU) audio-visual question answering"),
