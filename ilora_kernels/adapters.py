@@ -425,56 +425,356 @@ def _checked(source: str, key: str, t, shape, dtype: torch.dtype) -> torch.Tenso
 
 # ---------------------------------------------------------------------------------------------------------------
 # Crab / HydraLoRA layout: <module>.lora_A.weight (r, d_in), <module>.lora_B{i}.weight (d_out, r),
-# <module>.lora_route.weight (K, d_in), optionally under a "base_model.model." prefix.
+# <module>.lora_route.weight (K, d_in), usually under the "base_model.model." prefix of the PeftModel that held the
+# layers. Crab+ (GeWu-Lab/Crab_Plus), Crab (GeWu-Lab/Crab) and HydraLoRA (Clin0212/HydraLoRA) all name them so; Crab+
+# names its modules in the transformers-4.51 layout of the Qwen2.5-Omni thinker (audio_tower..., visual...,
+# model.layers...), which transformers 5 nests under model. (model.audio_tower, model.visual,
+# model.language_model.layers).
 
-_CRAB_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B(?P<head>\d+)|lora_route)"
-                       r"\.weight$")
+_CRAB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B(?P<head>0|[1-9]\d*)|lora_route)\.weight$")
+_CRAB_KEY_FORMS = "<module>.lora_A.weight, <module>.lora_B<i>.weight or <module>.lora_route.weight"
+_SAVE_ILORA_KEY = re.compile(r"\.(?:router_weight|lora_a|lora_b)$")
+# wrappers around the module names: the PeftModel (base_model.model.) and the full Qwen2.5-Omni model (thinker.)
+_CRAB_WRAPPERS = ("base_model.model.", "thinker.")
+UPSTREAM_PREFIX = "base_model.model."
+# thinker module names, transformers 4.51 -> 5 (the renames transformers 5 applies to such checkpoints itself) and back
+_THINKER_TO_V5 = (
+    (re.compile(r"^audio_tower\."), "model.audio_tower."),
+    (re.compile(r"^visual\."), "model.visual."),
+    (re.compile(r"^model\.(?!(?:language_model|visual|audio_tower)\.)"), "model.language_model."),
+)
+_THINKER_TO_V451 = (
+    (re.compile(r"^model\.audio_tower\."), "audio_tower."),
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.language_model\."), "model."),
+)
+# the files upstream writes (finetune_weights.bin: its trainer's checkpoints and its inference script's input;
+# lora_weights.bin: the end of its training; adapter_model.bin: peft_hyper's save_pretrained) and PEFT's
+CRAB_CHECKPOINT_NAMES = ("finetune_weights.bin", "lora_weights.bin", "adapter_model.bin", "adapter_model.safetensors")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_EXAMPLES = 5
 
 
-def load_crab_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
-    """Imports Crab-layout tensors into the model's I-LoRA layers; returns the names of the layers loaded."""
+class CrabCheckpointError(KeyError, ValueError):
+    """A Crab-layout state dict that does not fit the model's I-LoRA layers (missing layers, unused keys, two
+    spellings of one tensor). A ``KeyError`` (as before) and a ``ValueError``; its text is the plain message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CrabLoadReport(list):
+    """What ``load_crab_checkpoint`` / ``load_crab_state_dict`` matched. The list itself holds the names of the
+    I-LoRA layers loaded (sorted; with ``dry_run=True``: that would load). Attributes:
+
+    * ``loaded``: the same names;
+    * ``missing``: the model's I-LoRA layers not loaded (no tensors, or an incomplete set: see ``incomplete``);
+    * ``incomplete``: ``{layer: [the tensors it lacks, e.g. "lora_B2"]}``;
+    * ``unused``: ``{key: why}`` for every key of the state dict not loaded, in the state dict's order;
+    * ``mapping``: ``{key: our name}`` for every key loaded, our name being ``<layer>.<lora_A|lora_B<i>|lora_route>``
+      ``.weight`` (the key ``export_crab_state_dict(model, prefix="")`` writes);
+    * ``dry_run``: whether nothing was copied on purpose.
+    """
+
+    def __init__(self, loaded, missing, incomplete, unused, mapping, dry_run: bool):
+        super().__init__(sorted(loaded))
+        self.loaded: List[str] = list(self)
+        self.missing: List[str] = sorted(missing)
+        self.incomplete: Dict[str, List[str]] = dict(incomplete)
+        self.unused: Dict[str, str] = dict(unused)
+        self.mapping: Dict[str, str] = dict(mapping)
+        self.dry_run = dry_run
+
+    @property
+    def complete(self) -> bool:
+        """Every I-LoRA layer covered and every key used (what ``strict=True`` requires)."""
+        return not self.missing and not self.unused
+
+    def __repr__(self) -> str:
+        return (f"CrabLoadReport(loaded={len(self.loaded)}, missing={_examples(self.missing)}, "
+                f"unused={_examples(list(self.unused))}, dry_run={self.dry_run})")
+
+
+def _examples(items, n: int = _EXAMPLES) -> str:
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:n])
+    return f"[{shown}{f', ... ({len(items) - n} more)' if len(items) > n else ''}]"
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, replacement in rules:
+        new, count = pattern.subn(replacement, name, count=1)
+        if count:
+            return new
+    return name
+
+
+def _unwrapped(module: str) -> List[str]:
+    """``module`` and what is left of it after each leading wrapper (``base_model.model.``, ``thinker.``, in any
+    order) is removed, the fully unwrapped name last."""
+    forms = [module]
+    while True:
+        rest = forms[-1]
+        wrapper = next((w for w in _CRAB_WRAPPERS if rest.startswith(w) and len(rest) > len(w)), None)
+        if wrapper is None:
+            return forms
+        forms.append(rest[len(wrapper):])
+
+
+def _crab_candidates(module: str) -> List[str]:
+    """The names a Crab key's module may have in our model: as written and without the leading wrappers
+    (``_unwrapped``), each also in the transformers-5 thinker layout, each also under ``thinker.`` (our model being
+    the full Qwen2.5-Omni model)."""
+    names: Dict[str, None] = {}
+    for form in _unwrapped(module):
+        for name in (form, _rename(form, _THINKER_TO_V5)):
+            names[name] = None
+            names[f"thinker.{name}"] = None
+    return list(names)
+
+
+def _expected_kinds(layer) -> List[str]:
+    return ["lora_A", *(f"lora_B{i}" for i in range(layer.num_heads)), "lora_route"]
+
+
+def _checked_meta(source: str, key: str, t: torch.Tensor, shape) -> None:
+    """A dry run's check of a meta tensor: the checks that need no values (``_checked`` does the rest)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{source}: {key} has dtype {t.dtype}; expected a floating-point tensor")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{source}: {key} has shape {tuple(t.shape)} but the model expects {tuple(shape)}")
+
+
+def _mismatch_message(source: str, n_layers: int, n_keys: int, missing, incomplete, unused, not_crab, no_layer,
+                      extra_heads, example_layer: str) -> str:
+    lines = [f"{source}: the state dict does not fit the model's {n_layers} I-LoRA layers; nothing was loaded "
+             f"(strict=False loads the layers that fit and returns the report)"]
+    uncovered = [name for name in missing if name not in incomplete]
+    if uncovered:
+        lines.append(f"  missing: {len(uncovered)} of {n_layers} layers have no tensors: {_examples(uncovered)}")
+    if incomplete:
+        name, (has, needs) = next(iter(incomplete.items()))
+        lines.append(f"  incomplete: {len(incomplete)} layer(s), e.g. layer {name!r} needs {needs} but the state dict "
+                     f"has {has}")
+    if unused:
+        lines.append(f"  unused: {len(unused)} of {n_keys} keys")
+    if not_crab:
+        hint = ("; keys ending in .router_weight / .lora_a / .lora_b are save_ilora's format: load that folder with "
+                "load_ilora" if any(_SAVE_ILORA_KEY.search(k) for k in not_crab) else "")
+        lines.append(f"    {len(not_crab)} key(s) that are not I-LoRA tensors (e.g. projector weights): "
+                     f"{not_crab[0]!r} is not a Crab I-LoRA key ({_CRAB_KEY_FORMS}); all: {_examples(not_crab)}{hint}")
+    if no_layer:
+        modules = list(dict.fromkeys(module for _, module in no_layer))
+        lines.append(f"    {len(no_layer)} key(s) with no I-LoRA layer named {_examples(modules)} in the model "
+                     f"(e.g. {no_layer[0][0]!r}; tried each name without 'base_model.model.' / 'thinker.', in the "
+                     f"transformers-5 thinker layout and under 'thinker.'; the model's layers are named like "
+                     f"{example_layer!r})")
+    if extra_heads:
+        key, name, heads = extra_heads[0]
+        lines.append(f"    {len(extra_heads)} key(s) for heads the layers do not have, e.g. {key!r}: layer {name!r} "
+                     f"has {heads} heads (lora_B0..lora_B{heads - 1})")
+    of_incomplete = len(unused) - len(not_crab) - len(no_layer) - len(extra_heads)
+    if of_incomplete:
+        lines.append(f"    {of_incomplete} key(s) of the incomplete layer(s)")
+    return "\n".join(lines)
+
+
+def _load_crab(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool, dry_run: bool,
+               source: str) -> CrabLoadReport:
+    """The one engine behind ``load_crab_state_dict`` and ``load_crab_checkpoint``: matches every key to a layer,
+    checks everything (names, then shapes, dtypes and values), and copies only when all checks passed."""
     layers = ilora_layers(model)
     if not layers:
-        raise ValueError(f"load_crab_state_dict: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
-    grouped: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        match = _CRAB_KEY.match(key)
-        if match is None:
-            raise KeyError(f"load_crab_state_dict: {key!r} is not a Crab I-LoRA key "
-                           f"(<module>.lora_A.weight, <module>.lora_B<i>.weight or <module>.lora_route.weight)")
-        grouped.setdefault(match["module"], {})[match["kind"]] = tensor
-    unknown = sorted(set(grouped) - set(layers))
-    if unknown:
-        raise KeyError(f"load_crab_state_dict: no I-LoRA layer named {unknown[:5]} in the model")
-    original_key = {}
+        raise ValueError(f"{source}: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{source}: expected a mapping of key -> tensor, got a {type(state_dict).__name__}")
+    targets: Dict[Tuple[str, str], List[str]] = {}
+    not_crab: List[str] = []
+    no_layer: List[Tuple[str, str]] = []
+    extra_heads: List[Tuple[str, str, int]] = []
+    ambiguous: List[Tuple[str, List[str]]] = []
+    unused: Dict[str, str] = {}
     for key in state_dict:
-        match = _CRAB_KEY.match(key)
-        original_key[(match["module"], match["kind"])] = key
+        match = _CRAB_KEY.match(key) if isinstance(key, str) else None
+        if match is None:
+            not_crab.append(key)
+            unused[key] = "not a Crab I-LoRA key"
+            continue
+        hits = [name for name in _crab_candidates(match["module"]) if name in layers]
+        if not hits:
+            module = _unwrapped(match["module"])[-1]
+            no_layer.append((key, module))
+            unused[key] = f"no I-LoRA layer named {module!r} in the model"
+            continue
+        if len(hits) > 1:
+            ambiguous.append((key, hits))
+            continue
+        name, kind = hits[0], match["kind"]
+        if match["head"] is not None and int(match["head"]) >= layers[name].num_heads:
+            extra_heads.append((key, name, layers[name].num_heads))
+            unused[key] = f"layer {name!r} has {layers[name].num_heads} heads"
+            continue
+        targets.setdefault((name, kind), []).append(key)
+    duplicates = {target: keys for target, keys in targets.items() if len(keys) > 1}
+    if ambiguous or duplicates:
+        lines = [f"{source}: the state dict names some tensors ambiguously; nothing was loaded"]
+        if duplicates:
+            (name, kind), keys = next(iter(duplicates.items()))
+            lines.append(f"  {len(duplicates)} tensor(s) spelled twice (refused even when the values agree: keep one "
+                         f"spelling), e.g. {_examples(keys)} all load into {name}.{kind}.weight")
+        if ambiguous:
+            key, hits = ambiguous[0]
+            lines.append(f"  {len(ambiguous)} key(s) that fit several layers, e.g. {key!r} fits {_examples(hits)}")
+        raise CrabCheckpointError("\n".join(lines))
+
+    by_layer: Dict[str, Dict[str, str]] = {}
+    for (name, kind), (key,) in targets.items():
+        by_layer.setdefault(name, {})[kind] = key
+    complete: Dict[str, Dict[str, str]] = {}
+    incomplete: Dict[str, Tuple[List[str], List[str]]] = {}
+    for name, kinds in by_layer.items():
+        expected = _expected_kinds(layers[name])
+        if set(kinds) == set(expected):
+            complete[name] = kinds
+        else:
+            incomplete[name] = (sorted(kinds), sorted(expected))
+            for key in kinds.values():
+                unused[key] = f"layer {name!r} lacks {sorted(set(expected) - set(kinds))}"
+    missing = [name for name in layers if name not in complete]
+    if strict and (missing or unused):
+        raise CrabCheckpointError(_mismatch_message(source, len(layers), len(state_dict), missing, incomplete,
+                                                    unused, not_crab, no_layer, extra_heads, next(iter(layers))))
+
     checked = []
-    for name, parts in grouped.items():
+    for name, kinds in complete.items():
         layer = layers[name]
-        expected = {"lora_A", "lora_route"} | {f"lora_B{i}" for i in range(layer.num_heads)}
-        if set(parts) != expected:
-            raise KeyError(f"load_crab_state_dict: layer {name!r} needs {sorted(expected)} but the state dict has "
-                           f"{sorted(parts)}")
-        wanted = {"lora_A": ((layer.r, layer.in_features), layer.lora_a.dtype),
-                  "lora_route": ((layer.num_heads, layer.in_features), layer.router_weight.dtype),
-                  **{f"lora_B{i}": ((layer.out_features, layer.r), layer.lora_b.dtype) for i in range(layer.num_heads)}}
-        cast = {kind: _checked("load_crab_state_dict", original_key[(name, kind)], parts[kind], shape, dtype)
-                for kind, (shape, dtype) in wanted.items()}
-        checked += [(layer.lora_a, cast["lora_A"]), (layer.router_weight, cast["lora_route"]),
-                    (layer.lora_b, torch.stack([cast[f"lora_B{i}"] for i in range(layer.num_heads)]))]
-    # layers the state dict does not mention keep their values; all mentioned layers are checked in full
-    _copy(checked)
-    return sorted(grouped)
+        wanted = {"lora_A": ((layer.r, layer.in_features), layer.lora_a),
+                  "lora_route": ((layer.num_heads, layer.in_features), layer.router_weight),
+                  **{f"lora_B{i}": ((layer.out_features, layer.r), layer.lora_b) for i in range(layer.num_heads)}}
+        cast = {}
+        for kind, (shape, param) in wanted.items():
+            key, tensor = kinds[kind], state_dict[kinds[kind]]
+            if dry_run and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                _checked_meta(source, key, tensor, shape)
+            else:
+                cast[kind] = _checked(source, key, tensor, shape, param.dtype)
+        if not dry_run:
+            checked += [(layer.lora_a, cast["lora_A"]), (layer.router_weight, cast["lora_route"]),
+                        (layer.lora_b, torch.stack([cast[f"lora_B{i}"] for i in range(layer.num_heads)]))]
+    if not dry_run:
+        _copy(checked)
+    mapping = {key: f"{name}.{kind}.weight" for name, kinds in complete.items() for kind, key in kinds.items()}
+    return CrabLoadReport(complete, missing, {name: sorted(set(needs) - set(has))
+                                              for name, (has, needs) in incomplete.items()},
+                          unused, mapping, dry_run)
 
 
-def export_crab_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> Dict[str, torch.Tensor]:
-    """The model's I-LoRA weights in the Crab / HydraLoRA layout (see ``load_crab_state_dict``)."""
+def load_crab_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                         dry_run: bool = False) -> CrabLoadReport:
+    """Imports Crab-layout tensors (Crab+, Crab, HydraLoRA, PEFT-saved I-LoRA, ``export_crab_state_dict``) into the
+    model's I-LoRA layers. Each key's module is looked up as written, without the ``base_model.model.`` /
+    ``thinker.`` wrappers and in the transformers-5 thinker layout (``audio_tower.`` -> ``model.audio_tower.``,
+    ``visual.`` -> ``model.visual.``, ``model.layers.`` -> ``model.language_model.layers.``).
+
+    ``strict=True``: every I-LoRA layer must be covered (``lora_A``, every ``lora_B<i>``, ``lora_route``) and every
+    key used, else one ``CrabCheckpointError`` (a ``KeyError``) lists what is missing and unused. ``strict=False``
+    loads the layers that are complete and reports the rest. Always refused: two spellings of one tensor (even with
+    equal values) and a key that fits several layers. Shapes, dtypes, meta tensors and non-finite values raise
+    naming the key. Nothing is copied unless every check passed. ``dry_run=True`` checks the same (meta tensors
+    only for shape and dtype) and copies nothing. Returns a ``CrabLoadReport`` (a list of the layers loaded)."""
+    return _load_crab(model, state_dict, strict, dry_run, "load_crab_state_dict")
+
+
+def _crab_file(path: Path) -> Path:
+    """The checkpoint file of ``path``: the file itself, or the one file of ``CRAB_CHECKPOINT_NAMES`` in a folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"load_crab_checkpoint: {path} does not exist")
+    if path.is_file():
+        return path
+    config = path / CONFIG_NAME
+    if config.is_file():
+        try:
+            fmt = json.loads(config.read_text()).get("format")
+        except (ValueError, AttributeError):
+            fmt = None
+        if fmt == "ilora":
+            raise ValueError(f"load_crab_checkpoint: {path} is a save_ilora adapter ({config} says format 'ilora'); "
+                             f"load it with load_ilora")
+    found = [path / name for name in CRAB_CHECKPOINT_NAMES if (path / name).is_file()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"load_crab_checkpoint: {path} holds several checkpoint files {[p.name for p in found]}; "
+                         f"pass the one to load")
+    others = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in (*_TORCH_SUFFIXES, ".safetensors")
+                    and not p.name.startswith("."))
+    raise FileNotFoundError(f"load_crab_checkpoint: {path} holds none of {list(CRAB_CHECKPOINT_NAMES)}"
+                            + (f"; it has {others}: pass the file to load" if others else ""))
+
+
+def read_crab_checkpoint(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """The tensors of a checkpoint file (``.bin`` / ``.pt`` / ``.pth`` through ``torch.load(weights_only=True)``,
+    ``.safetensors``) or of the one known checkpoint file in a folder (``CRAB_CHECKPOINT_NAMES``), on the CPU, and
+    the file read."""
+    file = _crab_file(Path(path))
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(file), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"load_crab_checkpoint: cannot read {file} as safetensors: {e}") from e
+    elif file.suffix in _TORCH_SUFFIXES:
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # an unpickling error, a truncated file, ...
+            raise ValueError(f"load_crab_checkpoint: cannot read {file} with torch.load(weights_only=True): {e}") from e
+    else:
+        raise ValueError(f"load_crab_checkpoint: {file} is neither a torch.save file (.bin, .pt, .pth) nor "
+                         f".safetensors")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"load_crab_checkpoint: {file} holds a {type(tensors).__name__}, not a state dict")
+    return dict(tensors), file
+
+
+def load_crab_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+                         strict: bool = True, dry_run: bool = False) -> CrabLoadReport:
+    """Loads a released Crab+ / Crab / HydraLoRA checkpoint into the model's I-LoRA layers: a state dict, a file
+    (``finetune_weights.bin``, ``lora_weights.bin``, ``adapter_model.bin``, any ``.bin`` / ``.pt`` / ``.pth``
+    through ``torch.load(weights_only=True)``, or ``.safetensors``), or a folder holding exactly one of
+    ``CRAB_CHECKPOINT_NAMES``. Key matching, ``strict``, ``dry_run`` and the checks: see ``load_crab_state_dict``."""
+    if isinstance(path_or_state_dict, Mapping):
+        return _load_crab(model, path_or_state_dict, strict, dry_run, "load_crab_checkpoint")
+    tensors, file = read_crab_checkpoint(path_or_state_dict)
+    return _load_crab(model, tensors, strict, dry_run, f"load_crab_checkpoint: {file}")
+
+
+def _upstream_name(name: str) -> str:
+    """Our layer name -> the module path in upstream's PeftModel of the transformers-4.51 thinker."""
+    return _rename(name.removeprefix("thinker."), _THINKER_TO_V451)
+
+
+def export_crab_state_dict(model: nn.Module, prefix: str = UPSTREAM_PREFIX,
+                           layout: str = "ours") -> Dict[str, torch.Tensor]:
+    """The model's I-LoRA weights in the Crab / HydraLoRA layout (see ``load_crab_state_dict``):
+    ``<prefix><module>.lora_A.weight``, ``.lora_B<i>.weight``, ``.lora_route.weight``.
+
+    ``layout="ours"`` (the default, as before): ``<module>`` is our layer name (e.g.
+    ``model.language_model.layers.0.self_attn.q_proj`` in the transformers-5 thinker). ``layout="upstream"``: the
+    names Crab+ writes and its inference script loads (``load_state_dict(strict=False)`` into its PeftModel of the
+    thinker): the transformers-4.51 thinker path (``audio_tower.``, ``visual.``, ``model.layers.``; a leading
+    ``thinker.`` dropped), under ``base_model.model.`` with the default ``prefix``."""
+    if layout not in ("ours", "upstream"):
+        raise ValueError(f"export_crab_state_dict: layout={layout!r}; expected 'ours' or 'upstream'")
     out = {}
+    seen: Dict[str, str] = {}
     for name, layer in ilora_layers(model).items():
-        out[f"{prefix}{name}.lora_A.weight"] = layer.lora_a.detach().clone()
-        out[f"{prefix}{name}.lora_route.weight"] = layer.router_weight.detach().clone()
+        module = _upstream_name(name) if layout == "upstream" else name
+        if module in seen:
+            raise ValueError(f"export_crab_state_dict: layers {seen[module]!r} and {name!r} both become {module!r} in "
+                             f"the {layout} layout")
+        seen[module] = name
+        out[f"{prefix}{module}.lora_A.weight"] = layer.lora_a.detach().clone()
+        out[f"{prefix}{module}.lora_route.weight"] = layer.router_weight.detach().clone()
         for i in range(layer.num_heads):
-            out[f"{prefix}{name}.lora_B{i}.weight"] = layer.lora_b[i].detach().clone()
+            out[f"{prefix}{module}.lora_B{i}.weight"] = layer.lora_b[i].detach().clone()
     return out
