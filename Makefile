@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
-# Both create .venv, install torch (pinned), the dev requirements and this package (with its compiled
-# extension: the C++ CPU kernels always, the CUDA kernels too when a CUDA toolkit is found).
+# Both create .venv, install torch (pinned), the dev requirements, DeepSpeed (requirements-deepspeed.txt, without its
+# dependencies so that torch stays as pinned) and this package (with its compiled extension: the C++ CPU kernels
+# always, the CUDA kernels too when a CUDA toolkit is found). `make test` includes the multi-process trainer tests
+# (tests/test_crab_distributed.py, marked `distributed`: about 3 minutes on 2 cores).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,11 +25,15 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 
 .PHONY: demo demo-kernels test test-peft-oldest lint dist bench-cpu gpu-check env sanitize clean
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: requirements-dev.txt requirements-deepspeed.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-deepspeed.txt
+	$(PY) -c "import cpuinfo, einops, hjson, msgpack, pydantic; from importlib.metadata import version as v; \
+		t = v('torch').split('+')[0]; assert t == '$(patsubst torch==%,%,$(word 1,$(TORCH_PINS)))', t; \
+		print('deepspeed', v('deepspeed'), 'beside torch', t)"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
