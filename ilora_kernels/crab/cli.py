@@ -142,17 +142,14 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # samples: loaded here, skips counted, printed and recorded
 
-def load_cli_samples(cfg, split: str, skip_bad: bool, cap: Optional[int]):
-    """``crab.data.load_split`` with the config's data options, ``--skip-bad-samples`` and the per-task cap; its
-    errors (empty task file, null target, missing media) become one-line ``CommandError``s."""
-    from .config import ConfigError
-    from .data import MediaError, load_split
+def load_cli_samples(cfg, split: str):
+    """``crab.train.load_samples`` (the config's data options and per-task cap); its errors (empty task file, null
+    target, missing media) become one-line ``CommandError``s."""
+    from .data import MediaError
+    from .train import load_samples
 
-    if cfg.data.root is None:
-        raise ConfigError("data.root is not set (use --data-root or the config's data.root)")
     try:
-        return load_split(cfg.data.root, split, tasks=list(cfg.data.tasks), skip_missing=cfg.data.skip_missing_media,
-                          skip_bad=skip_bad, max_per_task=cap)
+        return load_samples(cfg, split)
     except (ValueError, MediaError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -200,7 +197,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count, like --skip-missing-media) samples whose target is null, missing or "
                         "empty or whose media field is missing, and tasks whose split file holds no samples ([]), "
-                        "instead of stopping with an error naming the file, task and sample")
+                        "instead of stopping with an error naming the file, task and sample (data.skip_bad_samples)")
     g.add_argument("--num-frames", type=int, metavar="N", help="video frames per clip (data.num_frames; 10)")
     g.add_argument("--frame-size", type=int, metavar="PX", help="frame side in pixels (data.frame_size; 224)")
 
@@ -323,6 +320,7 @@ def _overrides(a: argparse.Namespace) -> dict:
     o["data.tasks"] = getattr(a, "tasks", None)
     o["data.prompts"] = getattr(a, "prompts", None)
     o["data.skip_missing_media"] = getattr(a, "skip_missing_media", None)
+    o["data.skip_bad_samples"] = True if getattr(a, "skip_bad_samples", False) else None
     o["data.num_frames"] = getattr(a, "num_frames", None)
     o["data.frame_size"] = getattr(a, "frame_size", None)
     return o
@@ -350,11 +348,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     # the samples are read here (not inside train()) so that the skip counts are printed and recorded before the
     # model is built; build_model + build_dataset + train(model=..., train_dataset=...) is train()'s own route
-    samples = load_cli_samples(cfg, "train", a.skip_bad_samples, cfg.data.max_train_samples_per_task)
+    samples = load_cli_samples(cfg, "train")
     if main_process:
         report_skips(samples, "train", cfg.training.output_dir,
                      {"skip_missing_media": bool(cfg.data.skip_missing_media),
-                      "skip_bad_samples": bool(a.skip_bad_samples)})
+                      "skip_bad_samples": bool(cfg.data.skip_bad_samples)})
     if not samples:
         raise CommandError(f"no training samples for tasks {cfg.data.tasks} under {cfg.data.root}")
     model, processor = build_model(cfg)
@@ -391,10 +389,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     o.update({"eval.split": a.split, "eval.max_new_tokens": a.max_new_tokens,
               "data.max_eval_samples_per_task": a.max_samples_per_task})
     cfg = load_config(config, o)
-    samples = load_cli_samples(cfg, cfg.eval.split, a.skip_bad_samples, cfg.data.max_eval_samples_per_task)
+    samples = load_cli_samples(cfg, cfg.eval.split)
     skipped = report_skips(samples, cfg.eval.split, None,
                            {"skip_missing_media": bool(cfg.data.skip_missing_media),
-                            "skip_bad_samples": bool(a.skip_bad_samples)})
+                            "skip_bad_samples": bool(cfg.data.skip_bad_samples)})
     if not samples:
         raise CommandError(f"no {cfg.eval.split} samples for tasks {cfg.data.tasks} under {cfg.data.root}")
     import torch

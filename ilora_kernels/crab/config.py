@@ -57,6 +57,7 @@ class DataSection:
     tasks: List[str] = field(default_factory=lambda: list(TASK_KEYS))
     prompts: Optional[str] = None            # a prompt file replacing the built-in instruction wording
     skip_missing_media: bool = False         # skip (and count) samples whose media is missing, instead of failing
+    skip_bad_samples: bool = False           # skip (and count) null / empty targets and empty split files
     num_frames: int = 10
     frame_size: int = 224
     max_length: Optional[int] = None
@@ -91,7 +92,7 @@ class TrainingSection:
 
 @dataclass
 class EvalSection:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 512  # upstream Crab+ (scripts/finetune/inference_omni.py)
     split: str = "test"
 
 

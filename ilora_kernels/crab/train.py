@@ -111,22 +111,15 @@ def redraw_token_embeddings(model, std: float, seed: int = 0):
 
 
 def load_samples(cfg: CrabConfig, split: str, tasks: Optional[Sequence[str]] = None):
-    """The samples of ``split`` for the config's tasks, capped per task by the config."""
+    """The samples of ``split`` for the config's tasks (a ``data.SampleList``: its ``skips`` count what was skipped,
+    per task and reason), capped per task by the config."""
     from .data import load_split
 
     if cfg.data.root is None:
         raise ConfigError("data.root is not set (use --data-root or the config's data.root)")
-    tasks = list(tasks or cfg.data.tasks)
-    samples = load_split(cfg.data.root, split, tasks=tasks, skip_missing=cfg.data.skip_missing_media)
     cap = cfg.data.max_train_samples_per_task if split == "train" else cfg.data.max_eval_samples_per_task
-    if cap is not None:
-        kept, seen = [], {}
-        for s in samples:
-            seen[s.task] = seen.get(s.task, 0) + 1
-            if seen[s.task] <= cap:
-                kept.append(s)
-        samples = kept
-    return samples
+    return load_split(cfg.data.root, split, tasks=list(tasks or cfg.data.tasks),
+                      skip_missing=cfg.data.skip_missing_media, skip_bad=cfg.data.skip_bad_samples, max_per_task=cap)
 
 
 def build_dataset(cfg: CrabConfig, processor, samples, prompts=None):
