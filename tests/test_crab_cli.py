@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from ilora_kernels.crab import cli
-from ilora_kernels.crab.cli import default_threads, local_world_size, main, missing_extra_message, set_threads
+from ilora_kernels.crab import cli, threads
+from ilora_kernels.crab.cli import main, missing_extra_message
+from ilora_kernels.crab.tasks import TASKS
+from ilora_kernels.crab.threads import default_threads, local_world_size, set_threads
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_default_threads_share_the_cores_among_local_processes():
 
 
 def test_set_threads_sets_torch_and_env_and_warns_on_oversubscription(restore_threads, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
     env = {}
     assert set_threads(None, "train", env=env) == 2 and torch.get_num_threads() == 2
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2" and capsys.readouterr().err == ""
@@ -78,7 +80,7 @@ def _data(tmp_path):
     for split in ("train", "test"):
         items = json.loads((base / "ks" / f"{split}.json").read_text())
         (base / "ks" / "audio" / items[0]["audio_path"]).unlink()          # missing media
-        items[2]["label"] = None                                          # a null target
+        items[2][TASKS["ks"].layout(split).target[0]] = None              # a null target (test: "action")
         (base / "ks" / f"{split}.json").write_text(json.dumps(items))
     return root, base
 

@@ -3,7 +3,8 @@ transfer report; the ``ilora-crab`` command line (``python -m ilora_kernels.crab
 
 Kept import-light: nothing here imports transformers at package import time. Import the sub-modules directly:
 
-    from ilora_kernels.crab.tasks import TASKS, TASK_KEYS, METRICS, load_prompts     # the task registry, prompts
+    from ilora_kernels.crab.tasks import TASKS, TASK_KEYS, METRICS                   # the task registry
+    from ilora_kernels.crab.prompts import load_prompts                              # the prompt file
     from ilora_kernels.crab.config import CrabConfig, load_config, config_from_dict  # the YAML recipe config
     from ilora_kernels.crab.data import load_split, AVUIEDataset, collate, build_generation_inputs, Sample
     from ilora_kernels.crab.model import (load_thinker, load_processor, build_tiny_thinker, build_tiny_processor,

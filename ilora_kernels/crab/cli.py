@@ -2,6 +2,7 @@
 
     ilora-crab train      --config configs/crab_plus.yaml --data-root /data/AVUIE [--resume latest]
     ilora-crab eval       --adapter runs/crab_plus --data-root /data/AVUIE --output results.json
+    ilora-crab generate   --adapter runs/crab_plus --video clip.mp4 --audio clip.wav --question "What plays?"
     ilora-crab report     --single st_ks.json st_ave.json --multi mt.json [--router mt.json --plot-out router.png]
     ilora-crab demo-data  --data-root runs/demo/data
     ilora-crab demo       (the whole CPU demo: data, single- and multi-task fine-tuning, evaluation, report)
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..ops.registry import BACKENDS
+from .tasks import TASK_KEYS
+from .threads import set_threads
 
 SKIPPED_SAMPLES_FILE = "skipped_samples.json"
 
@@ -61,64 +64,6 @@ def missing_extra_message(exc: BaseException) -> Optional[str]:
                 return TORCHVISION_HINT
         e = e.__cause__ or e.__context__
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# threads
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, else os.cpu_count())."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def local_world_size(env=None) -> int:
-    """Processes of this launch on this machine: LOCAL_WORLD_SIZE, else WORLD_SIZE (torchrun / Accelerate set
-    them), else 1."""
-    env = os.environ if env is None else env
-    for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
-        try:
-            n = int(env.get(key, ""))
-        except ValueError:
-            continue
-        if n > 0:
-            return n
-    return 1
-
-
-def default_threads(cores: Optional[int] = None, processes: Optional[int] = None) -> int:
-    """min(cores, 8) shared among this machine's processes, at least 1."""
-    cores = available_cores() if cores is None else cores
-    processes = local_world_size() if processes is None else processes
-    return max(1, min(cores, 8) // max(1, processes))
-
-
-def set_threads(requested: Optional[int], command: str = "train", env=None) -> int:
-    """Sets torch's intra-op threads (and OMP_NUM_THREADS / MKL_NUM_THREADS, for worker processes) before any
-    work: ``requested``, else OMP_NUM_THREADS when set, else ``default_threads()``. Warns in one line (local rank
-    0 only) when threads x processes on this machine exceed the cores. Returns the thread count."""
-    import torch
-
-    env = os.environ if env is None else env
-    cores, procs = available_cores(), local_world_size(env)
-    n = requested
-    if n is None:
-        try:
-            n = int(env.get("OMP_NUM_THREADS", ""))
-        except ValueError:
-            n = None
-        if n is None or n < 1:
-            n = default_threads(cores, procs)
-    torch.set_num_threads(n)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(n)
-    if n * procs > cores and env.get("LOCAL_RANK", "0") == "0":
-        print(f"ilora-crab {command}: warning: {n} threads x {procs} process{'es' if procs > 1 else ''} = "
-              f"{n * procs} > {cores} CPU cores: oversubscribed OpenMP threads wait on each other (often several "
-              f"times slower); use --threads {max(1, cores // procs)}", file=sys.stderr, flush=True)
-    return n
 
 
 def _positive_int(value: str) -> int:
@@ -206,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ilora-crab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run 'ilora-crab <command> --help' for the options of a command.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,demo-data,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,report,demo-data,demo}")
     sub.required = True
 
     # ---- train
@@ -267,6 +212,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "task) here")
     g.add_argument("--no-router-stats", action="store_true", help="do not collect router statistics")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads_arg(g)
+
+    # ---- generate
+    p = sub.add_parser("generate", help="one answer from a video / audio / image and a question with a trained "
+                       "adapter", description=GENERATE_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="folder holding adapter_model.safetensors (a "
+                   "training output dir or a checkpoint-N folder, as eval takes)")
+    p.add_argument("--config", metavar="YAML", help="recipe config (default: <adapter>/crab_config.yaml when "
+                   "present, else the Crab+ defaults): model, frames, frame size, prompt file, generation length")
+    _add_model_args(p)
+    g = p.add_argument_group("input")
+    g.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (twice for a2v: "
+                   "first and second candidate, in order)")
+    g.add_argument("--audio", action="append", default=[], metavar="PATH", help="an audio file (or a video file's "
+                   "audio track; twice for v2a)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (image tasks: arig, "
+                   "s4, ms3, ref_avs)")
+    g.add_argument("--question", metavar="TEXT", help="the question (the sample's own question text: it fills the "
+                   "task instruction's {question} slot, or follows it). Without --task it is the whole "
+                   "instruction")
+    g.add_argument("--task", choices=TASK_KEYS, metavar="KEY", help="use this task's instruction wording "
+                   "from the prompt file, as in training (the media given must be the task's: e.g. ks takes one "
+                   "--video and one --audio, a2v two --video and one --audio)")
+    g.add_argument("--prompts", metavar="FILE", help="JSON prompt file replacing the built-in wording (data.prompts)")
+    g.add_argument("--num-frames", type=int, metavar="N", help="video frames per clip (data.num_frames)")
+    g.add_argument("--frame-size", type=int, metavar="PX", help="frame side in pixels (data.frame_size)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="generation length (default the "
+                   "config's eval.max_new_tokens)")
+    g.add_argument("--show-prompt", action="store_true", help="also print the chat text the prompt was rendered "
+                   "to (before the media placeholders are expanded)")
     _add_threads_arg(g)
 
     # ---- report
@@ -404,7 +381,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     results = evaluate_samples(model, processor, list(samples), max_new_tokens=cfg.eval.max_new_tokens,
                                prompts=load_prompt_file(cfg), num_frames=cfg.data.num_frames,
                                frame_size=cfg.data.frame_size, collect_router=not a.no_router_stats,
-                               progress=not a.no_progress, run_name=run_name)
+                               progress=not a.no_progress, run_name=run_name,
+                               upstream_media=cfg.data.upstream_media)
     results["skipped"] = skipped
     out = Path(a.output) if a.output else adapter / f"results_{cfg.eval.split}.json"
     write_results(results, out)
@@ -413,6 +391,133 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.router_plot and results.get("router"):
         from .report import plot_router
         print(f"router plot: {plot_router(results['router'], a.router_plot, run=run_name)}")
+    return 0
+
+
+GENERATE_DESCRIPTION = """\
+Greedy generation of one answer from the given media and question with a trained adapter, through the prompt
+building of training and evaluation (crab.data.build_generation_inputs on a crab.data.Sample: system prompt, the
+media kind's intro, the media placeholders, the instruction). Prints the raw generation and the answer parsed from
+it (crab.evaluate.parse_answer: <answer> tags, else 'Answer:', else the last line).
+
+  --task KEY [--question TEXT]   the task's instruction wording from the prompt file (its {question} slot filled
+                                 with TEXT, or TEXT appended), exactly as a sample of that task is prompted
+  --question TEXT                the question itself is the instruction; the intro follows the media given
+                                 (one --video/--audio: video_audio, two --video: a2v, two --audio: v2a,
+                                 --image: image_audio)
+
+  ilora-crab generate --adapter runs/crab_plus --task ks --video clip.mp4 --audio clip.wav
+  ilora-crab generate --adapter runs/crab_plus --video clip.mp4 --audio clip.wav --question "What instrument plays?"
+"""
+
+# the task whose media layout (intro, placeholders) a bare --question takes, per media kind
+FREE_QUESTION_TASK = {"video_audio": "avqa", "a2v": "a2v", "v2a": "v2a", "image_audio": "arig"}
+
+
+def _media_counts(media: Dict[str, list]) -> Dict[str, int]:
+    return {k: len(v) for k, v in media.items() if v}
+
+
+def _describe_media(counts: Dict[str, int]) -> str:
+    parts = [f"{n} --{k}" for k, n in counts.items() if n]
+    return " and ".join(parts) if parts else "no media"
+
+
+def question_sample(media: Dict[str, list], question: Optional[str] = None, task: Optional[str] = None,
+                    prompts: Optional[dict] = None):
+    """(``crab.data.Sample``, prompts) for ``generate``: ``media`` maps "video" / "audio" / "image" to paths (in
+    order). With ``task``: a sample of that task (its instruction wording, ``question`` as the sample's own
+    question), the media must be the task's. Without: the question is the whole instruction (``prompts`` copied
+    with that task's instruction replaced by ``{question}``), in the media layout of ``FREE_QUESTION_TASK``."""
+    import copy
+
+    from .data import Sample
+    from .prompts import load_prompts
+    from .tasks import MEDIA_FIELDS, TASKS
+
+    counts = _media_counts(media)
+    if not counts:
+        raise CommandError("give at least one of --video, --audio, --image")
+    layouts = {kind: {k: sum(1 for _, kk, _ in fields if kk == k) for k in ("video", "audio", "image")}
+               for kind, fields in MEDIA_FIELDS.items()}
+    layouts = {kind: {k: n for k, n in c.items() if n} for kind, c in layouts.items()}
+    prompts = copy.deepcopy(load_prompts() if prompts is None else prompts)
+    if task is not None:
+        want = layouts[TASKS[task].media]
+        if counts != want:
+            raise CommandError(f"task {task!r} takes {_describe_media(want)} (as its samples in training), got "
+                               f"{_describe_media(counts)}")
+    else:
+        if not question or not question.strip():
+            raise CommandError("give --question TEXT (or --task KEY for a task's own instruction)")
+        if counts.get("image") and counts.get("video"):
+            raise CommandError("give --image or --video, not both")
+        if any(n > 4 for n in counts.values()):
+            raise CommandError(f"at most 4 files of each kind, got {_describe_media(counts)}")
+        kind = next((k for k, c in layouts.items() if c == counts), None)
+        if kind is None:
+            kind = "image_audio" if counts.get("image") else "video_audio"
+        task = FREE_QUESTION_TASK[kind]
+        prompts["tasks"][task] = "{question}"
+    missing = [(k, p) for k, paths in media.items() for p in paths if not Path(p).is_file()]
+    if missing:
+        kind, path = missing[0]
+        raise CommandError(f"--{kind} {path}: file not found")
+    sample = Sample(task=task, index=0, target="", instruction=(question or "").strip(),
+                    media={k: [Path(p).expanduser().absolute() for p in v] for k, v in media.items() if v})
+    return sample, prompts
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from ..adapters import CONFIG_NAME
+
+    adapter = Path(a.adapter)
+    if not adapter.is_dir():
+        raise CommandError(f"--adapter {adapter}: adapter folder not found")
+    if not (adapter / CONFIG_NAME).is_file():
+        raise CommandError(f"--adapter {adapter}: no {CONFIG_NAME} there (a trained run's adapter folder: a "
+                           f"training output dir or a checkpoint-N folder)")
+    set_threads(a.threads, "generate")
+    from ..adapters import load_ilora
+    from ..patching import ilora_layers
+    from .config import load_config
+    from .data import MediaError, build_messages
+    from .evaluate import generate_answer
+    from .train import CONFIG_COPY, build_model, load_prompt_file
+
+    config = a.config
+    if config is None and (adapter / CONFIG_COPY).is_file():
+        config = adapter / CONFIG_COPY
+    o = _overrides(a)
+    o.update({"eval.max_new_tokens": a.max_new_tokens})
+    cfg = load_config(config, o)
+    media = {"video": list(a.video), "audio": list(a.audio), "image": list(a.image)}
+    sample, prompts = question_sample(media, a.question, a.task, load_prompt_file(cfg))
+    import torch
+
+    model, processor = build_model(cfg, apply_adapter=False,
+                                   device="cuda" if torch.cuda.is_available() else None)
+    load_ilora(model, adapter)
+    if a.backend:
+        for layer in ilora_layers(model).values():
+            layer.backend = a.backend
+    if a.show_prompt:
+        text = processor.apply_chat_template(build_messages(sample, prompts, with_answer=False), tokenize=False,
+                                             add_generation_prompt=True)
+        print("prompt:")
+        print(text, flush=True)
+    try:
+        out = generate_answer(model, processor, sample, max_new_tokens=cfg.eval.max_new_tokens, prompts=prompts,
+                              num_frames=cfg.data.num_frames, frame_size=cfg.data.frame_size,
+                              upstream_media=cfg.data.upstream_media)
+    except MediaError as exc:
+        raise CommandError(str(exc)) from None
+    print("generation:")
+    print(out["generation"])
+    print(f"answer: {out['answer']}", flush=True)
+    if out["cut_by_length"]:
+        print(f"ilora-crab generate: warning: the generation reached --max-new-tokens {cfg.eval.max_new_tokens} "
+              f"without an end-of-sequence token: the answer may be missing", file=sys.stderr)
     return 0
 
 
@@ -475,6 +580,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_train(args)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "generate":
+        return cmd_generate(args)
     if args.command == "report":
         return cmd_report(args)
     if args.command == "demo-data":

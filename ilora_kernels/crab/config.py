@@ -59,6 +59,10 @@ class DataSection:
     skip_missing_media: bool = False         # skip (and count) samples whose media is missing, instead of failing
     skip_bad_samples: bool = False           # skip (and count) null / empty targets and empty split files
     num_frames: int = 10
+    # upstream Crab+'s media per task (crab.tasks.UPSTREAM_AUDIO_WINDOWS / UPSTREAM_NUM_FRAMES): avqa ten 2-s
+    # windows, the emotion tasks the first 4 s and 4 frames, s4/ms3/ref_avs 1 s at the frame index, frames sampled
+    # first to last. false: the first 30 s of every clip and num_frames segment midpoints everywhere.
+    upstream_media: bool = True
     frame_size: int = 224
     max_length: Optional[int] = None
     max_train_samples_per_task: Optional[int] = None

@@ -127,11 +127,11 @@ class _Demo:
 
     # ---- the whole demo --------------------------------------------------------------------------------------
     def main(self) -> int:
-        from .cli import set_threads
         from .data import AVUIEDataset, load_split
         from .demo_data import write_demo_dataset
         from .model import build_tiny_processor
         from .report import format_router, format_transfer, plot_router, table_json, transfer_table
+        from .threads import set_threads
 
         t0 = time.perf_counter()
         set_threads(self.args.threads, "demo")

@@ -8,8 +8,17 @@
   avqa  a question on the colour, the shape, the pitch or the instrument (``question``)           ``label``
   a2v   which of two videos (``video1_path``/``video2_path``) matches the audio                   ``label``
 
-Targets follow the Crab+ style "explicit reasoning, then the answer": ``... Answer: <answer>``.
+Records carry exactly the fields upstream's readers read for the task and split (``crab.tasks.LAYOUTS``): train
+records the train target field plus the short fields (``action``, ``event``/``start_time``/``end_time``,
+``answer``, ``correct_video``, ids), test records only the test reader's fields, whose short fields are the
+ground truth (``action``; ``event``/``start_time``/``end_time``; ``answer``; ``correct_video``).
+Train targets follow the Crab+ style "explicit reasoning, then the answer": ``... Answer: <answer>``, where the
+answer is the text the test ground truth reduces to (ks ``drum``, ave ``event:drum start_time:0.5 end_time:1.5``,
+times in seconds; a2v ``1`` or ``2``, the ``correct_video``).
 Deterministic from ``seed``; the default size writes in a few seconds.
+
+``write_layout_dataset`` writes every task key (19 train, 16 test) in upstream's layout with tiny media and
+distinct field values (no learnable content): for reader tests.
 
     python -m ilora_kernels.crab.demo_data --out DIR [--tasks ave avqa ks a2v] [--n-train 24] [--n-test 8]
 """
@@ -25,9 +34,10 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .tasks import TASKS
+from .tasks import FRAME_FROM_IMAGE_NAME, LAYOUTS, TASK_KEYS, TASKS
 
-__all__ = ["DEMO_TASKS", "DEMO_CLASSES", "DEMO_CHOICES", "write_demo_dataset", "demo_vocabulary", "extract_answer"]
+__all__ = ["DEMO_TASKS", "DEMO_CLASSES", "DEMO_CHOICES", "write_demo_dataset", "write_layout_dataset",
+           "demo_vocabulary", "extract_answer"]
 
 DEMO_TASKS = ("ave", "avqa", "ks", "a2v")
 SAMPLE_RATE = 16000
@@ -57,13 +67,26 @@ DEMO_CLASSES = (
 )
 _BY_NAME = {c.name: c for c in DEMO_CLASSES}
 
-# Closed-set answer vocabularies of the demo tasks (ave answers are "<class>, <start>-<end>").
+SEGMENT_SECONDS = 0.5
+
+
+def _seconds(segment: int) -> float:
+    """ave's ``start_time`` / ``end_time``: segment boundaries in seconds."""
+    return round(segment * SEGMENT_SECONDS, 3)
+
+
+def _ave_answer(name: str, s: int, e: int) -> str:
+    # upstream's test ground truth of ave is "event:<event> start_time:<start> end_time:<end>"
+    return f"event:{name} start_time:{_seconds(s)} end_time:{_seconds(e)}"
+
+
+# Closed-set answer vocabularies of the demo tasks (a2v: the correct_video, 1 or 2; ave: _ave_answer).
 DEMO_CHOICES: Dict[str, tuple] = {
     "ks": tuple(c.name for c in DEMO_CLASSES),
-    "a2v": ("first", "second"),
+    "a2v": ("1", "2"),
     "avqa": tuple(sorted({c.colour for c in DEMO_CLASSES} | {c.shape for c in DEMO_CLASSES}
                          | {c.name for c in DEMO_CLASSES} | {"high", "low"})),
-    "ave": tuple(f"{c.name}, {s}-{e}" for c in DEMO_CLASSES for s in range(N_SEGMENTS)
+    "ave": tuple(_ave_answer(c.name, s, e) for c in DEMO_CLASSES for s in range(N_SEGMENTS)
                  for e in range(s + 1, N_SEGMENTS + 1)),
 }
 
@@ -96,8 +119,12 @@ def _ks_target(c):
 
 
 def _ave_target(c, s, e):
-    return f"{_describe(c).capitalize()} is seen and {_tone_phrase(c)} is heard together in segments {s} to {e}, " \
-           f"so the event is a {c.name}. Answer: {c.name}, {s}-{e}"
+    return f"{_describe(c).capitalize()} is seen and {_tone_phrase(c)} is heard together from {_seconds(s)} s to " \
+           f"{_seconds(e)} s, so the event is a {c.name}. Answer: {_ave_answer(c.name, s, e)}"
+
+
+def _avqa_answer(c, kind):
+    return {"colour": c.colour, "shape": c.shape, "pitch": c.pitch}.get(kind, c.name)
 
 
 def _avqa_target(c, kind):
@@ -113,8 +140,9 @@ def _avqa_target(c, kind):
 
 def _a2v_target(c, other, which):
     first, second = (c, other) if which == "first" else (other, c)
+    number = 1 if which == "first" else 2
     return f"The audio is {_tone_phrase(c)}, the sound of a {c.name}. The first video shows {_describe(first)} " \
-           f"and the second video shows {_describe(second)}, so the {which} video matches. Answer: {which}"
+           f"and the second video shows {_describe(second)}, so the {which} video matches. Answer: {number}"
 
 
 def demo_vocabulary() -> List[str]:
@@ -192,42 +220,52 @@ def _write_audio(path: Path, wave: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------------------------ writer
+def _only(task: str, split: str, record: dict) -> dict:
+    """The record cut to the fields upstream's reader of this task and split reads (``crab.tasks.LAYOUTS``)."""
+    layout = TASKS[task].layout(split)
+    keep = set(layout.media_names) | set(layout.fields)
+    missing = keep - set(record)
+    if missing:
+        raise AssertionError(f"demo record of {task}/{split} lacks {sorted(missing)}")
+    return {k: v for k, v in record.items() if k in keep}
+
+
 def _make_sample(task: str, i: int, split: str, tdir: Path, rng: np.random.Generator) -> dict:
-    """One sample's JSON record (media written under ``tdir``); the target goes to the task registry's field."""
-    fields, target = _sample_and_target(task, i, split, tdir, rng)
-    return {**fields, TASKS[task].target_field: target}
+    """One sample's JSON record in upstream's layout of the task and split (media written under ``tdir``)."""
+    return _only(task, split, _full_record(task, i, split, tdir, rng))
 
 
-def _sample_and_target(task: str, i: int, split: str, tdir: Path, rng: np.random.Generator):
+def _full_record(task: str, i: int, split: str, tdir: Path, rng: np.random.Generator) -> dict:
     stem = f"{split}_{i:04d}"
     c = DEMO_CLASSES[int(rng.integers(len(DEMO_CLASSES)))]
     if task == "ks":
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "class": c.name}, _ks_target(c)
+        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "action": c.name, "label": _ks_target(c)}
     if task == "ave":
         s = int(rng.integers(0, N_SEGMENTS))
         e = int(rng.integers(s + 1, N_SEGMENTS + 1))
-        seconds = N_SEGMENTS * 0.5
-        seg_of_frame = (np.arange(int(seconds * FPS)) / FPS / 0.5).astype(int)
+        seconds = N_SEGMENTS * SEGMENT_SECONDS
+        seg_of_frame = (np.arange(int(seconds * FPS)) / FPS / SEGMENT_SECONDS).astype(int)
         # the shape is visible in [s, e) plus maybe one extra segment (seen but not heard), the tone is heard in
         # [s, e): the audio-visual event is exactly [s, e)
         visible = (seg_of_frame >= s) & (seg_of_frame < e)
         if rng.random() < 0.5 and e < N_SEGMENTS:
             visible |= seg_of_frame == e
         t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-        seg_of_sample = (t / 0.5).astype(int)
+        seg_of_sample = (t / SEGMENT_SECONDS).astype(int)
         audible = ((seg_of_sample >= s) & (seg_of_sample < e)).astype(np.float32)
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, len(seg_of_frame), rng, visible))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, seconds, rng, audible))
-        return ({"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "event": c.name, "segments": [s, e]},
-                _ave_target(c, s, e))
+        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "event": c.name, "vid": stem,
+                "start_time": _seconds(s), "end_time": _seconds(e), "label_content": _ave_target(c, s, e)}
     if task == "avqa":
         kind = list(AVQA_QUESTIONS)[int(rng.integers(len(AVQA_QUESTIONS)))]
         _write_video(tdir / "video" / f"{stem}.mp4", _frames(c, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return ({"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "question": AVQA_QUESTIONS[kind],
-                 "question_type": kind}, _avqa_target(c, kind))
+        return {"video_path": f"{stem}.mp4", "audio_path": f"{stem}.wav", "video_id": stem, "question_id": i,
+                "type": kind, "question": AVQA_QUESTIONS[kind], "answer": _avqa_answer(c, kind),
+                "label": _avqa_target(c, kind)}
     if task == "a2v":
         others = [o for o in DEMO_CLASSES if o is not c]
         other = others[int(rng.integers(len(others)))]
@@ -236,8 +274,9 @@ def _sample_and_target(task: str, i: int, split: str, tdir: Path, rng: np.random
         _write_video(tdir / "video" / f"{stem}_1.mp4", _frames(first, FPS, rng))
         _write_video(tdir / "video" / f"{stem}_2.mp4", _frames(second, FPS, rng))
         _write_audio(tdir / "audio" / f"{stem}.wav", _tone(c, 1.0, rng))
-        return ({"video1_path": f"{stem}_1.mp4", "video2_path": f"{stem}_2.mp4", "audio_path": f"{stem}.wav"},
-                _a2v_target(c, other, which))
+        return {"video1_path": f"{stem}_1.mp4", "video2_path": f"{stem}_2.mp4", "audio_path": f"{stem}.wav",
+                "correct_video": 1 if which == "first" else 2, "audio_event": c.name, "video1_event": first.name,
+                "video2_event": second.name, "label": _a2v_target(c, other, which)}
     raise ValueError(f"write_demo_dataset: no demo generator for task {task!r} (available: {DEMO_TASKS})")
 
 
@@ -258,6 +297,71 @@ def write_demo_dataset(root, tasks: Sequence[str] = DEMO_TASKS, n_train: int = 2
             samples = [_make_sample(task, i, split, tdir, rng) for i in range(n)]
             with open(tdir / f"{split}.json", "w", encoding="utf-8") as f:
                 json.dump(samples, f, indent=1)
+    return base
+
+
+def _layout_value(task: str, split: str, fld: str, i: int):
+    """A distinct value of the type upstream's data holds for ``fld`` (``write_layout_dataset``)."""
+    if fld in ("correct_video", "correct_audio"):
+        return 1 + i % 2
+    if fld in ("start_time", "end_time"):
+        return i + (0 if fld == "start_time" else 3)
+    if fld in ("top_left", "bottom_right"):
+        return [10 + i, 12 + i] if fld == "top_left" else [40 + i, 44 + i]
+    if fld in ("frame_idx", "idx"):
+        return 1 + i
+    if fld in ("fid", "question_id", "id"):
+        return 100 * (1 + ("fid", "question_id", "id").index(fld)) + i
+    if fld == "multi_choice":
+        return [f"{task} choice {k} {i}" for k in "abcd"]
+    if (task, fld) == ("ucf", "label"):                          # class names as UCF-101 spells them
+        return f"PlayingDrum{split.title()}{i}"
+    return f"{task} {split} {fld} {i}"
+
+
+def write_layout_dataset(root, n: int = 2, tasks: Sequence[str] = TASK_KEYS, seed: int = 0) -> Path:
+    """Every task key in upstream's exact JSON layout: ``train.json`` for all 19, ``test.json`` for the 16 that
+    upstream tests (``crab.tasks.LAYOUTS``), ``n`` records each, with tiny media (4-frame 64x64 mp4 clips, 1-s wav
+    tones, png frames) and a distinct value per field (``"<task> <split> <field> <i>"`` for text fields; numbers
+    and lists where upstream holds them). No learnable content: it is for reader tests. Returns ``root/AVUIE_2``."""
+    from PIL import Image
+
+    base = Path(root) / "AVUIE_2"
+    for t_i, task in enumerate(tasks):
+        tdir = base / task
+        for s_i, (split, layout) in enumerate(LAYOUTS[task].items()):
+            rng = np.random.default_rng([seed, t_i, s_i])
+            records = []
+            for i in range(n):
+                c = DEMO_CLASSES[(t_i + i) % len(DEMO_CLASSES)]
+                rec = {}
+                for names, kind, subdir in layout.media:
+                    fld = names[0]
+                    stem = f"{split}_{i}_{fld[:-5]}"
+                    if kind == "image":
+                        rel = f"frames/{split}_{i}/{1 + i}.png" if layout.frame == FRAME_FROM_IMAGE_NAME \
+                            else f"frames/{stem}.png"
+                        path = tdir / rel
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(_frames(c, 1, rng)[0]).save(path)
+                    else:
+                        ext = "mp4" if kind == "video" else "wav"
+                        rel = f"{kind}/{stem}.{ext}" if not subdir else f"{stem}.{ext}"
+                        path = tdir / (subdir or "") / rel
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        if kind == "video":
+                            _write_video(path, _frames(c, 4, rng))
+                        else:
+                            _write_audio(path, _tone(c, 1.0, rng))
+                    rec[fld] = rel
+                for fld in layout.fields:
+                    rec[fld] = _layout_value(task, split, fld, i)
+                if split == "train":
+                    rec[layout.target[0]] = f"{task} reasoning {i}. Answer: {task} answer {i}"
+                records.append(rec)
+            tdir.mkdir(parents=True, exist_ok=True)
+            with open(tdir / f"{split}.json", "w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1)
     return base
 
 

@@ -664,11 +664,12 @@ def hit_length_limit(new_ids, max_new_tokens: int, eos_ids) -> bool:
 def generate_predictions(model, processor, samples, *, max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS, prompts=None,
                          num_frames: int = 10, frame_size: int = 224, router_stats: Optional[RouterStats] = None,
                          progress: bool = True, desc: str = "evaluating", inputs_cache: Optional[dict] = None,
-                         return_cut: bool = False):
+                         return_cut: bool = False, upstream_media: bool = False):
     """Greedy generation, one sample at a time (no padding-side subtleties); returns the decoded new text, or
     ``(texts, cut)`` with ``return_cut=True``: ``cut[i]`` is True when generation i reached ``max_new_tokens``
     without an EOS token (cut by the length limit). ``inputs_cache``: a dict (task, index) -> encoded prompt,
-    filled and reused (several runs on one test set)."""
+    filled and reused (several runs on one test set). ``upstream_media``: upstream Crab+'s per-task audio windows
+    and frame counts (the config's ``data.upstream_media``)."""
     from .data import build_generation_inputs
 
     model.eval()
@@ -685,7 +686,7 @@ def generate_predictions(model, processor, samples, *, max_new_tokens: int = UPS
             inputs = inputs_cache[key]
         else:
             inputs = build_generation_inputs(sample, processor, num_frames=num_frames, frame_size=frame_size,
-                                             prompts=prompts)
+                                             prompts=prompts, upstream_media=upstream_media)
             if inputs_cache is not None:
                 inputs_cache[key] = inputs
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in dict(inputs).items()}
@@ -702,9 +703,25 @@ def generate_predictions(model, processor, samples, *, max_new_tokens: int = UPS
     return (out, cut) if return_cut else out
 
 
+def generate_answer(model, processor, sample, *, max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS, prompts=None,
+                    num_frames: int = 10, frame_size: int = 224, upstream_media: bool = False) -> dict:
+    """One greedy generation for one ``data.Sample`` by the evaluation's own route (``generate_predictions``: the
+    prompt of ``data.build_generation_inputs``, as in training without the answer). Returns ``{"task",
+    "generation", "answer", "cut_by_length", "answer_cut"}``: ``answer`` is ``parse_answer`` of the generation with
+    the task's choices; ``answer_cut``: its ``<answer>`` was never closed."""
+    texts, cut = generate_predictions(model, processor, [sample], max_new_tokens=max_new_tokens, prompts=prompts,
+                                      num_frames=num_frames, frame_size=frame_size, progress=False,
+                                      return_cut=True, upstream_media=upstream_media)
+    spec = TASKS.get(sample.task)
+    answer, answer_cut = parse_answer(texts[0], getattr(spec, "choices", None) or None)
+    return {"task": sample.task, "generation": texts[0], "answer": answer, "cut_by_length": bool(cut[0]),
+            "answer_cut": bool(answer_cut)}
+
+
 def evaluate_samples(model, processor, samples, *, max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS, prompts=None,
                      num_frames: int = 10, frame_size: int = 224, collect_router: bool = True,
-                     progress: bool = True, run_name: str = "", inputs_cache: Optional[dict] = None) -> dict:
+                     progress: bool = True, run_name: str = "", inputs_cache: Optional[dict] = None,
+                     upstream_media: bool = False) -> dict:
     """Generates on ``samples`` (a list of ``Sample``), scores every task and returns the results dict (the
     results-JSON content: ``{"run", "max_new_tokens", "tasks": {task: {"metric", "score", "n", "cut_by_length",
     "unclosed_answer", ...}}, "predictions", "router"}``). ``cut_by_length``: generations that reached
@@ -716,7 +733,7 @@ def evaluate_samples(model, processor, samples, *, max_new_tokens: int = UPSTREA
         preds, cut = generate_predictions(model, processor, samples, max_new_tokens=max_new_tokens,
                                           prompts=prompts, num_frames=num_frames, frame_size=frame_size,
                                           router_stats=stats, progress=progress, inputs_cache=inputs_cache,
-                                          return_cut=True)
+                                          return_cut=True, upstream_media=upstream_media)
     finally:
         if stats is not None:
             stats.detach()

@@ -153,7 +153,7 @@ TINY_VOCAB_SIZE = 1024  # BPE vocabulary target (special tokens included); the e
 def _builtin_corpus():
     """Deterministic text the tiny tokenizer is trained on: the shipped prompts and the demo vocabulary."""
     from .demo_data import demo_vocabulary
-    from .tasks import load_prompts
+    from .prompts import load_prompts
 
     prompts = load_prompts()
     texts = [prompts["system"], *prompts["intro"].values(), *prompts["tasks"].values()]

@@ -126,14 +126,18 @@ def build_dataset(cfg: CrabConfig, processor, samples, prompts=None):
     from .data import AVUIEDataset
 
     return AVUIEDataset(samples, processor, num_frames=cfg.data.num_frames, frame_size=cfg.data.frame_size,
-                        skip_missing=cfg.data.skip_missing_media, max_length=cfg.data.max_length, prompts=prompts)
+                        skip_missing=cfg.data.skip_missing_media, max_length=cfg.data.max_length, prompts=prompts,
+                        upstream_media=cfg.data.upstream_media)
 
 
 def load_prompt_file(cfg: CrabConfig):
     if cfg.data.prompts is None:
         return None
-    from .tasks import load_prompts
-    return load_prompts(cfg.data.prompts)
+    from .prompts import load_prompts
+    try:
+        return load_prompts(cfg.data.prompts)
+    except ValueError as exc:     # the message names the file and the key (crab.prompts)
+        raise ConfigError(f"data.prompts: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
