@@ -156,3 +156,12 @@ def test_router_table_is_titled_and_numbers_heads_1_to_k():
     assert lines[0].startswith("router, run multi_k3")
     assert "head 1" in lines[1] and "head 3" in lines[1] and "head 0" not in text
     assert f"max ln 3 = {math.log(3):.3f}" in lines[1]
+
+
+def test_a_task_scored_zero_in_both_runs_is_named(tmp_path):
+    singles = [_results(tmp_path, "st_ks", {"ks": 0.5}, n=40), _results(tmp_path, "st_ave", {"ave": 0.0}, n=40)]
+    multi = _results(tmp_path, "mt", {"ks": 0.6, "ave": 0.0}, n=40)
+    table = transfer_table(singles, multi)
+    assert [w for w in table["warnings"] if "ave: scored 0 in both runs" in w]
+    assert not [w for w in table["warnings"] if "NOTHING WAS LEARNED" in w]
+    assert "ave: scored 0 in both runs" in format_transfer(table)

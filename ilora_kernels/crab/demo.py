@@ -174,7 +174,7 @@ class _Demo:
         # ---- report ------------------------------------------------------------------------------------------
         n = self.args.n_test
         print("\n" + "=" * 100)
-        print(f"per-task test scores (n={n} per task; accuracy of the answer after 'Answer:')")
+        print(f"per-task test scores (n={n} per task; accuracy of the answer in <answer> tags or after 'Answer:')")
         cols = [("single K=3", "single_k3_{}"), ("multi K=3", "multi_k3")]
         if ran_k1:
             cols += [("single K=1", "single_k1_{}"), ("multi K=1", "multi_k1")]

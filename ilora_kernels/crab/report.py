@@ -283,6 +283,12 @@ def transfer_table(single: Iterable[PathOrDict], multi: PathOrDict, threshold: f
         elif all_single:
             warnings.append("WARNING: every single-task score is 0: those runs learned nothing (or no answer is "
                             "extracted); the transfer is measured against nothing.")
+        if not (all_single and all_multi):
+            zero = [r["task"] for r in rows if _is_zero(r["single"]) and _is_zero(r["multi"])]
+            if zero:
+                warnings.append(f"WARNING: {', '.join(zero)}: scored 0 in both runs: nothing learned for "
+                                f"{'this task' if len(zero) == 1 else 'these tasks'} (or no answer is extracted); "
+                                f"its transfer is not evidence.")
     return {"rows": rows, "positive": positive, "compared": len(rows),
             "share_positive": positive / len(rows) if rows else float("nan"), "threshold": threshold,
             "outside_noise": {"positive": sum(r["within_noise"] is False and r["delta"] > 0 for r in rows),
