@@ -221,20 +221,45 @@ def check_weights(folder: Path, meta: Mapping, reader: str, writer: str) -> None
                          f"{path.name}; read them from the path adapters.weights_file returns")
 
 
+def unwrapped_name(name: str) -> str:
+    """A module or parameter name without the components FSDP1 units and activation-checkpoint wrappers insert
+    (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``): the name in the unwrapped model."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _unwrapped_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>`` of it."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return cls
+    while issubclass(cls, FSDPModule):
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
+def _recorded_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The model's I-LoRA layers under the names adapter files record (``unwrapped_name``)."""
+    return {unwrapped_name(name): layer for name, layer in ilora_layers(model).items()}
+
+
 def base_model_identity(model: nn.Module) -> Dict[str, Optional[str]]:
     """What ``save_ilora`` records of the base model (``"base_model"`` in the config) and ``load_ilora`` checks: its
-    class name, and its Hugging Face ``config.model_type`` and ``name_or_path`` (None where it has none)."""
+    class name (FSDP2's wrapper class unwrapped), and its Hugging Face ``config.model_type`` and ``name_or_path``
+    (None where it has none)."""
     config = getattr(model, "config", None)
 
     def text(value) -> Optional[str]:
         return value if isinstance(value, str) and value else None
-    return {"class": type(model).__name__, "model_type": text(getattr(config, "model_type", None)),
+    return {"class": _unwrapped_class(model).__name__, "model_type": text(getattr(config, "model_type", None)),
             "name_or_path": text(getattr(config, "_name_or_path", None)) or text(getattr(model, "name_or_path", None))}
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``{"<module>.router_weight" | ".lora_a" | ".lora_b": tensor}`` for every I-LoRA layer."""
-    return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in ilora_layers(model).items()
+    """``{"<module>.router_weight" | ".lora_a" | ".lora_b": tensor}`` for every I-LoRA layer (``<module>``: its name
+    in the unwrapped model, ``unwrapped_name``)."""
+    return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in _recorded_layers(model).items()
             for p in _PARAM_NAMES}
 
 
@@ -243,8 +268,9 @@ def save_ilora(model: nn.Module, path: Union[str, os.PathLike],
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` (atomically, with
     the weights' checksum: see ``write_adapter``; the config also records the base model, ``base_model_identity``).
     ``tensors``: the adapter tensors to write instead of the model's own, keyed like ``adapter_state_dict`` (e.g.
-    gathered from FSDP shards); every key must be there."""
-    layers = ilora_layers(model)
+    gathered from FSDP shards); every key must be there. A model FSDP wrapped is recorded as the unwrapped model
+    (its layer names and class), which is what ``load_ilora`` finds."""
+    layers = _recorded_layers(model)
     if not layers:
         raise ValueError(f"save_ilora: {type(model).__name__} has no I-LoRA layers (call apply_ilora first)")
     config = get_ilora_config(model)
@@ -367,7 +393,7 @@ def _load_into_patched(model: nn.Module, folder: Path, meta: dict) -> None:
         raise FileNotFoundError(f"load_ilora: {path} does not exist") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"load_ilora: {path} is not a readable safetensors file ({exc})") from None
-    layers = ilora_layers(model)
+    layers = _recorded_layers(model)
     params = {f"{name}.{p}": getattr(layer, p) for name, layer in layers.items() for p in _PARAM_NAMES}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))

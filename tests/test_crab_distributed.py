@@ -374,11 +374,11 @@ def test_a_log_entry_is_one_short_line():
 
 def test_an_fsdp_renamed_model_saves_what_save_ilora_saves(tmp_path):
     """FSDP1 names the modules of its units ``..._fsdp_wrapped_module...`` (and FSDP2 swaps the model's class):
-    the trainer's writer then writes the record ``save_ilora`` writes for the unwrapped model."""
+    ``save_ilora`` then writes the record it writes for the unwrapped model."""
     sys.path.insert(0, str(ROOT / "tests"))
     import ilora_kernels as ik
     from ilora_kernels.adapters import _sha256, adapter_state_dict
-    from ilora_kernels.crab.train import _save_adapter, _save_adapter_state
+    from ilora_kernels.crab.train import _save_adapter_state
     from tiny_models import patched_tiny_model
 
     model = patched_tiny_model(seed=1)
@@ -401,7 +401,7 @@ def test_an_fsdp_renamed_model_saves_what_save_ilora_saves(tmp_path):
         assert meta.pop("weights_sha256") == _sha256(folder / "adapter_model.safetensors")
         return meta, load_file(folder / "adapter_model.safetensors")
 
-    _save_adapter(model, tmp_path / "renamed", tensors)
+    ik.save_ilora(model, tmp_path / "renamed", tensors=tensors)
     gathered = {f"_fsdp_wrapped_module.{k}": v for k, v in tensors.items()}
     _save_adapter_state(model, gathered, tmp_path / "gathered")
     plain_meta, plain_weights = record(tmp_path / "plain")
@@ -410,4 +410,4 @@ def test_an_fsdp_renamed_model_saves_what_save_ilora_saves(tmp_path):
         assert meta == plain_meta and weights.keys() == plain_weights.keys()
         assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
     with pytest.raises(KeyError, match="do not match"):
-        _save_adapter(model, tmp_path / "bad", dict(list(tensors.items())[1:]))
+        ik.save_ilora(model, tmp_path / "bad", tensors=dict(list(tensors.items())[1:]))

@@ -49,6 +49,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..adapters import _PARAM_NAMES as ADAPTER_PARAMS
+from ..adapters import save_ilora, unwrapped_name
 from .config import ConfigError, CrabConfig, dump_config
 
 ROUTER_STATS_FILE = "router_stats.jsonl"
@@ -145,7 +147,6 @@ def load_prompt_file(cfg: CrabConfig):
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-_ADAPTER_PARAMS = ("router_weight", "lora_a", "lora_b")
 
 
 def _files_of(folder: Path) -> Dict[str, int]:
@@ -263,20 +264,15 @@ def _load_adapter(model, folder) -> None:
     load_ilora(model, folder)
 
 
-def _unwrapped_name(name: str) -> str:
-    """A module or parameter name without the FSDP1 / activation-checkpoint wrappers' components."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
 def _adapter_tensors(model, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The I-LoRA tensors of a gathered (FSDP) state dict, keyed like ``adapter_state_dict`` of the unwrapped
     model."""
     from ..patching import ilora_layers
 
-    wanted = {f"{_unwrapped_name(name)}.{p}" for name in ilora_layers(model) for p in _ADAPTER_PARAMS}
+    wanted = {f"{unwrapped_name(name)}.{p}" for name in ilora_layers(model) for p in ADAPTER_PARAMS}
     tensors = {}
     for key, value in state.items():
-        k = _unwrapped_name(key)
+        k = unwrapped_name(key)
         if k in wanted:
             tensors[k] = value
     missing = wanted - set(tensors)
@@ -285,44 +281,9 @@ def _adapter_tensors(model, state: Mapping[str, torch.Tensor]) -> Dict[str, torc
     return tensors
 
 
-def _unwrapped_class(model) -> type:
-    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>`` of it."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return type(model)
-    cls = type(model)
-    while issubclass(cls, FSDPModule):
-        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
-    return cls
-
-
-def _save_adapter(model, folder, tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
-    """``save_ilora(model, folder, tensors=)``. For a model FSDP renamed (FSDP1 units: ``..._fsdp_wrapped_module...``;
-    FSDP2: class ``FSDP<Name>``), the record ``save_ilora`` writes, through the same writer (``write_adapter``,
-    atomic and checksummed), with the names and class of the unwrapped model, which ``load_ilora`` then finds."""
-    from .. import _version
-    from ..adapters import base_model_identity, save_ilora, write_adapter
-    from ..patching import get_ilora_config, ilora_layers
-
-    names = sorted(ilora_layers(model))
-    layers = sorted(_unwrapped_name(name) for name in names)
-    cls = _unwrapped_class(model)
-    if layers == names and cls is type(model):
-        return save_ilora(model, folder, tensors=tensors)
-    wanted = {f"{name}.{p}" for name in layers for p in _ADAPTER_PARAMS}
-    if tensors is None or set(tensors) != wanted:
-        given = set(tensors or ())
-        raise KeyError(f"the adapter tensors do not match the model's I-LoRA layers: missing "
-                       f"{sorted(wanted - given)[:3]}, unexpected {sorted(given - wanted)[:3]}")
-    meta = {"format": "ilora", "ilora_kernels_version": _version.__version__, **get_ilora_config(model).to_dict(),
-            "modules": layers, "base_model": {**base_model_identity(model), "class": cls.__name__}}
-    return write_adapter(folder, tensors, meta)
-
-
 def _save_adapter_state(model, state: Mapping[str, torch.Tensor], output_dir) -> Path:
-    """The adapter of a gathered (FSDP) state dict, keys freed of the wrappers' prefixes, through ``_save_adapter``."""
-    return _save_adapter(model, output_dir, _adapter_tensors(model, state))
+    """The adapter of a gathered (FSDP) state dict, keys freed of the wrappers' prefixes, through ``save_ilora``."""
+    return save_ilora(model, output_dir, tensors=_adapter_tensors(model, state))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,7 +625,7 @@ def _make_trainer_class():
             model = self.accelerator.unwrap_model(self.model)
             tensors = self._gathered_adapter(model)
             if self.args.should_save:
-                _save_adapter(model, output_dir, tensors)
+                save_ilora(model, output_dir, tensors=tensors)
                 if self.crab_config is not None:
                     dump_config(self.crab_config, os.path.join(output_dir, CONFIG_COPY))
 
@@ -687,10 +648,10 @@ def _make_trainer_class():
 
                 tensors = {}
                 for name, layer in ilora_layers(model).items():
-                    for p in _ADAPTER_PARAMS:
+                    for p in ADAPTER_PARAMS:
                         param = getattr(layer, p)
                         full = safe_get_full_fp32_param(param)
-                        tensors[f"{_unwrapped_name(name)}.{p}"] = (full if full is not None else param).detach().cpu()
+                        tensors[f"{unwrapped_name(name)}.{p}"] = (full if full is not None else param).detach().cpu()
                 return tensors
             return None
 
