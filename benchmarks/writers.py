@@ -110,6 +110,13 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
     except Exception as exc:
         return [f"plots skipped: matplotlib unusable ({exc!r})"]
     notes = []
+
+    def save(fig, kind: str, rect=None) -> None:
+        fig.tight_layout(**({} if rect is None else {"rect": rect}))
+        fig.savefig(f"{stem}-{kind}.png", dpi=90)
+        written.append(f"{stem}-{kind}.png")
+        plt.close(fig)
+
     layer_rows = [r for r in rows if not str(r["shape"]).startswith("train.")
                   and r.get("fwdbwd_ms") not in (None, "")]
     groups: Dict[Tuple, List[Dict]] = {}
@@ -137,10 +144,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
         for ax in list(axes.flat)[len(lines_groups):]:
             ax.axis("off")
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
-        fig.savefig(f"{stem}-time.png", dpi=90)
-        written.append(f"{stem}-time.png")
-        plt.close(fig)
+        save(fig, "time", rect=(0, 0, 1, 0.97))
     # fwd+bwd time / base for every case, with the FLOP floor as a black tick
     cases: Dict[Tuple, Dict[str, Dict]] = {}
     for r in layer_rows:
@@ -167,10 +171,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(f"{stem}-ratio.png", dpi=90)
-        written.append(f"{stem}-ratio.png")
-        plt.close(fig)
+        save(fig, "ratio")
     # memory bars: the largest N of every shape/rank group
     mem_key = "peak_mem_bytes" if any(r.get("peak_mem_bytes") not in (None, "") for r in layer_rows) else "saved_bytes"
     picks = []
@@ -194,10 +195,7 @@ def write_plots(stem: str, rows: Sequence[Dict], competitors: Sequence[str], tit
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(f"{stem}-memory.png", dpi=90)
-        written.append(f"{stem}-memory.png")
-        plt.close(fig)
+        save(fig, "memory")
     return notes
 
 
