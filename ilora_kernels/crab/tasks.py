@@ -41,15 +41,6 @@ METRICS = ("accuracy", "avvp_f1", "iou", "caption", "seg_text")
 # the others are means of per-sample values in [0, 1] (bootstrap intervals over samples).
 PROPORTION_METRICS = ("accuracy",)
 
-# JSON fields per media kind: (field, kind of file, sub-folder of the task folder the file name lives in).
-# Image tasks carry paths relative to the task folder itself (sub-folder "").
-MEDIA_FIELDS: Dict[str, Tuple[Tuple[str, str, str], ...]] = {
-    "video_audio": (("video_path", "video", "video"), ("audio_path", "audio", "audio")),
-    "a2v": (("video1_path", "video", "video"), ("video2_path", "video", "video"), ("audio_path", "audio", "audio")),
-    "v2a": (("video_path", "video", "video"), ("audio1_path", "audio", "audio"), ("audio2_path", "audio", "audio")),
-    "image_audio": (("image_path", "image", ""), ("audio_path", "audio", "")),
-}
-
 # Fields that may hold a sample's own question / referring expression, first match wins; only for tasks whose
 # layout declares no question field (the layouts name the field for avqa, avqa_thu and ref_avs).
 QUESTION_FIELDS = ("question", "question_content", "query", "ref", "ref_expression", "expression")
@@ -218,6 +209,14 @@ LAYOUTS: Dict[str, Dict[str, RecordLayout]] = {
                             meta=("id", "video_name", "video_id", "question_relation", "question_type"))},
 }
 UPSTREAM_TEST_TASKS: Tuple[str, ...] = tuple(k for k in TASK_KEYS if "test" in LAYOUTS[k])
+
+# Media fields per media kind, from the train layouts (every task of a kind has the same): (field, kind of file,
+# sub-folder of the task folder the file name lives in; "" for the image tasks, whose paths are relative to the task
+# folder itself).
+MEDIA_FIELDS: Dict[str, Tuple[Tuple[str, str, str], ...]] = {
+    kind: tuple((names[0], file_kind, sub) for names, file_kind, sub in
+                LAYOUTS[next(k for k, spec in TASKS.items() if spec.media == kind)]["train"].media)
+    for kind in MEDIA_KINDS}
 
 
 @dataclass(frozen=True)
