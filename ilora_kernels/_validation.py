@@ -115,16 +115,25 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
     named = [("x", x), ("weight", weight), ("router_weight", router_weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     if bias is not None:
         named.append(("bias", bias))
+    adapter = named[2:5]
+    half_base = x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+    masters = [name for name, t in adapter if half_base and t.dtype == torch.float32]
     for name, t in named:
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; ilora_linear needs float16, bfloat16, float32 or float64")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and name not in masters:
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share one dtype, "
-                            f"with one exception (mixed precision): router_weight, lora_a and lora_b may be float32 "
+                            f"with one exception (mixed precision): router_weight, lora_a and lora_b may all be float32 "
                             f"when x and weight are float16 or bfloat16. Either keep the adapter in float32 on a "
                             f"half-precision base, or run under torch.autocast, which casts every tensor to its dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if 0 < len(masters) < 3:
+        rest = [name for name, _ in adapter if name not in masters]
+        raise TypeError(f"{' and '.join(masters)} {'is' if len(masters) == 1 else 'are'} float32 but "
+                        f"{' and '.join(rest)} {'has' if len(rest) == 1 else 'have'} dtype {x.dtype}: float32 master "
+                        f"weights on a {x.dtype} base must be all three of router_weight, lora_a and lora_b (or "
+                        f"none of them)")
 
     if not _is_number(scaling) or (isinstance(scaling, float) and not math.isfinite(scaling)):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")

@@ -27,6 +27,7 @@ from ._validation import validate_ilora_inputs
 from .ops import seeded  # noqa: F401  (defines ilora_kernels::seeded_forward / seeded_backward)
 from .ops.contract import backward_body, router_dtype
 from .ops.contract import setup_context as op_setup_context
+from .ops.layout import shrink_concat, shrink_packed
 from .ops.registry import BACKENDS, available_backends, registered, resolve, resolve_backend, resolve_cached
 
 __all__ = ["BACKENDS", "available_backends", "ilora_linear", "resolve_backend"]
@@ -152,13 +153,48 @@ def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+class _CastPackedShrink(torch.autograd.Function):
+    """router_weight and lora_a of one packed (K + r, d_in) buffer (``ops/layout.py``) cast to ``dtype`` in ONE
+    copy that keeps them adjacent, so the kernels' ``[W_r; A]`` stays a view; gradients return in the inputs'
+    dtype, as ``Tensor.to`` would give them."""
+
+    @staticmethod
+    def forward(ctx, router_weight, lora_a, dtype):
+        ctx.dtypes = (router_weight.dtype, lora_a.dtype)
+        cast = shrink_concat(router_weight, lora_a).to(dtype)
+        num_heads = router_weight.shape[0]
+        return cast[:num_heads], cast[num_heads:]
+
+    @staticmethod
+    def backward(ctx, d_router, d_lora_a):
+        return (None if d_router is None else d_router.to(ctx.dtypes[0]),
+                None if d_lora_a is None else d_lora_a.to(ctx.dtypes[1]), None)
+
+
+def _cast_adapter(router_weight: Tensor, lora_a: Tensor, lora_b: Tensor, dtype: torch.dtype):
+    """The three adapter tensors cast to ``dtype`` (differentiably), keeping the packed layout: lora_b's strides
+    survive ``Tensor.to``; the two shrink halves are cast together when they are packed."""
+    if (router_weight.dtype == lora_a.dtype != dtype and type(router_weight) is type(lora_a)
+            and type(router_weight) in _PLAIN_TYPES and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling() and shrink_packed(router_weight, lora_a)):
+        if torch.is_grad_enabled() and (router_weight.requires_grad or lora_a.requires_grad):
+            router_weight, lora_a = _CastPackedShrink.apply(router_weight, lora_a, dtype)
+        else:
+            cast = shrink_concat(router_weight, lora_a).to(dtype)
+            router_weight, lora_a = cast[:router_weight.shape[0]], cast[router_weight.shape[0]:]
+    else:
+        router_weight, lora_a = router_weight.to(dtype), lora_a.to(dtype)
+    return router_weight, lora_a, lora_b.to(dtype)
+
+
 def _mixed_precision(x, weight, router_weight, lora_a, lora_b):
     """float32 adapter weights (master weights) with a float16 / bfloat16 x and weight: the adapter is cast to x's
     dtype for the kernels, as autocast would (differentiable: its gradients reach the float32 weights in float32).
-    Any other mix is left to the dtype check."""
+    All three are float32 or none is: any other mix is left to the dtype check, which names the odd tensor."""
     adapter = (router_weight, lora_a, lora_b)
-    if isinstance(x, Tensor) and x.dtype in _HALF_DTYPES and isinstance(weight, Tensor) and weight.dtype == x.dtype:
-        return tuple(t.to(x.dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in adapter)
+    if (isinstance(x, Tensor) and x.dtype in _HALF_DTYPES and isinstance(weight, Tensor) and weight.dtype == x.dtype
+            and all(isinstance(t, Tensor) and t.dtype == torch.float32 for t in adapter)):
+        return _cast_adapter(router_weight, lora_a, lora_b, x.dtype)
     return adapter
 
 
@@ -179,8 +215,8 @@ def ilora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
     ``torch.manual_seed`` makes it reproducible. ``top_k`` (None = dense) keeps the top_k largest router logits
     per token. ``backend``: "auto" or a name of ``BACKENDS`` (see ``available_backends``).
 
-    dtypes: one floating dtype for every tensor, except that router_weight, lora_a and lora_b may be float32 with a
-    float16 / bfloat16 x and weight (master weights; computed in x's dtype, the same numbers as under
+    dtypes: one floating dtype for every tensor, except that router_weight, lora_a and lora_b may all three be float32
+    with a float16 / bfloat16 x and weight (master weights; computed in x's dtype, the same numbers as under
     ``torch.autocast``, gradients float32). Under autocast every tensor but a float64 one is cast to its dtype.
 
     Compiles with ``torch.compile`` without graph breaks (inference and training, dropout included), and the

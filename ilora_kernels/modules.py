@@ -11,6 +11,7 @@ from torch import nn
 from ._validation import validate_hyperparameters
 from .functional import ilora_linear
 from .ops.contract import router_dtype
+from .ops.layout import new_packed_parameters, repack_
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -58,10 +59,23 @@ class ILoRALinear(nn.Module):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         factory = {"device": base_linear.weight.device,
                    "dtype": adapter_dtype(base_linear.weight.dtype, autocast_adapter_dtype)}
-        self.router_weight = nn.Parameter(torch.empty(num_heads, self.in_features, **factory))
-        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_b = nn.Parameter(torch.empty(num_heads, self.out_features, r, **factory))
+        self.router_weight, self.lora_a, self.lora_b = new_packed_parameters(
+            num_heads, r, self.in_features, self.out_features, **factory)
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to() / .half() / .cuda() give every parameter its own new allocation: put them back in the
+        # packed layout
+        module = super()._apply(fn, recurse)
+        repack_(self.router_weight, self.lora_a, self.lora_b)
+        return module
+
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling clone every parameter on its own
+        super().__setstate__(state)
+        if "_parameters" in state:
+            repack_(self.router_weight, self.lora_a, self.lora_b)
 
     def reset_parameters(self) -> None:
         """Crab+ initialisation: A and W_r kaiming_uniform(a=sqrt(5)), every B_k zero."""
@@ -94,3 +108,8 @@ class ILoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"num_heads={self.num_heads}, alpha={self.alpha:g}, dropout={self.dropout:g}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, adapter_dtype={str(self.lora_a.dtype).split('.')[-1]}")
+
+
+def _repack_after_load(module: "ILoRALinear", incompatible_keys) -> None:
+    """``load_state_dict(assign=True)`` replaces the parameters by the loaded tensors: repack them."""
+    repack_(module.router_weight, module.lora_a, module.lora_b)

@@ -97,7 +97,8 @@ from .adapters import (  # noqa: E402
 )
 from .config import ILoRAConfig  # noqa: E402
 from .functional import ilora_linear  # noqa: E402
-from .ops.reference import concat_heads, routed_activations, router_probabilities  # noqa: E402
+from .ops.layout import concat_heads, head_list_view, pack_head_list_, pack_shrink_  # noqa: E402
+from .ops.reference import routed_activations, router_probabilities  # noqa: E402
 from .patching import apply_ilora, get_ilora_config, ilora_layers, remove_ilora  # noqa: E402
 
 __all__ = ["ILoRAPeftConfig", "ILoRAPeftLinear", "ILoRAPeftModel", "PEFT_TYPE", "PEFT_VERSION", "SUPPORTED_PEFT",
@@ -169,6 +170,19 @@ class ILoRAPeftConfig(LoraConfig):
         self._register_custom_module({nn.Linear: ILoRAPeftLinear})
 
 
+class _HeadsView(torch.autograd.Function):
+    """lora_b (K, d_out, r) as a view of the K packed (d_out, r) head parameters' shared buffer
+    (``ops/layout.head_list_view``), differentiable in every head: the gradient of head k is slice k of lora_b's."""
+
+    @staticmethod
+    def forward(ctx, *heads):
+        return head_list_view(heads)
+
+    @staticmethod
+    def backward(ctx, d_lora_b):
+        return tuple(d_lora_b.unbind(0))
+
+
 class ILoRAPeftLinear(nn.Module, LoraLayer):
     """PEFT tuner layer for one ``nn.Linear``: y = base(x) + s * sum_k g_k B_k A dropout(x), g = softmax(W_r x),
     computed by ``ilora_kernels.ilora_linear`` (the fused kernels) for the first active adapter.
@@ -196,6 +210,7 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         self.ilora_backend: Dict[str, str] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.register_load_state_dict_post_hook(_pack_after_load)
 
     def _head_dict(self, i: int) -> nn.ModuleDict:
         name = f"lora_B{i}"
@@ -238,10 +253,36 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
             weight = self._head_dict(i)[adapter_name].weight
             nn.init.zeros_(weight) if zero_b else nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
+    def _heads(self, adapter_name: str) -> List[nn.Parameter]:
+        return [self._head_dict(i)[adapter_name].weight for i in range(self.num_heads[adapter_name])]
+
+    def pack_adapter(self, adapter_name: str) -> None:
+        """Puts one adapter's parameters in the packed layout of ``ops/layout.py`` (lora_route and lora_A rows of
+        one buffer, the heads slices of one (d_out, K, r) buffer) so that the kernels copy none of them per call;
+        parameters that live in another buffer (FSDP, DeepSpeed) are left as they are."""
+        pack_shrink_(self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight)
+        pack_head_list_(self._heads(adapter_name))
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if adapter_name in self.lora_route:
+            self.pack_adapter(adapter_name)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        for adapter_name in self.lora_route:
+            self.pack_adapter(adapter_name)
+        return module
+
     def adapter_tensors(self, adapter_name: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router_weight (K, d_in), lora_a (r, d_in), lora_b (K, d_out, r)) of one adapter (lora_b is stacked)."""
-        heads = [self._head_dict(i)[adapter_name].weight for i in range(self.num_heads[adapter_name])]
-        return self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight, torch.stack(heads)
+        """(router_weight (K, d_in), lora_a (r, d_in), lora_b (K, d_out, r)) of one adapter: lora_b is a view of the
+        heads' buffer when they are packed (gradients flow back to every head), else stacked (a copy)."""
+        heads = self._heads(adapter_name)
+        if head_list_view(heads) is not None:
+            lora_b = _HeadsView.apply(*heads)
+        else:
+            lora_b = torch.stack(heads)
+        return self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight, lora_b
 
     # merging is impossible: the routing weights depend on every input token
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
@@ -278,7 +319,11 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         dtype = base.weight.dtype
         x_in = x if x.dtype == dtype else x.to(dtype)
         first = active[0]
-        router, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter_tensors(first))
+        router, lora_a, lora_b = self.adapter_tensors(first)
+        masters = router.dtype == lora_a.dtype == lora_b.dtype == torch.float32
+        if not (masters and dtype in (torch.float16, torch.bfloat16)):
+            # (float32 master weights on a half base are cast by ilora_linear, keeping the packed layout)
+            router, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in (router, lora_a, lora_b))
         dropout = self.lora_dropout[first]
         y = ilora_linear(x_in, base.weight, base.bias, router, lora_a, lora_b, self.scaling[first],
                          dropout_p=getattr(dropout, "p", 0.0), training=self.training, top_k=self.top_k[first],
@@ -289,6 +334,12 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "ilora." + super().__repr__()
+
+
+def _pack_after_load(layer: ILoRAPeftLinear, incompatible_keys) -> None:
+    """``load_state_dict(assign=True)`` (PEFT's ``low_cpu_mem_usage=True``) puts the loaded tensors in place."""
+    for adapter_name in layer.lora_route:
+        layer.pack_adapter(adapter_name)
 
 
 class ILoRAPeftModel(LoraModel):

@@ -3,7 +3,8 @@
 # the defines torch's CUDAExtension uses, into a temporary directory.  Exit status 1 on any compile error or on
 # any warning located in OUR sources (a diagnostic line that starts with a path under csrc/).  Warnings whose
 # location is inside torch's / CUDA's own headers are filtered out (printed as a count only); gcc's "In
-# instantiation of ... required from here" context lines are not counted either.
+# instantiation of ... required from here" context lines are not counted either.  ptxas reports (-Xptxas -v) the
+# registers, stack and spills of every kernel per architecture: printed as a table, and a kernel that spills fails.
 #
 #   [VERBOSE=1] scripts/check_cuda_sources.sh      (VERBOSE=1 also prints the filtered warnings; uses .venv/bin/python if present, else python3; NVCC / CUDA_HOME honoured)
 set -uo pipefail
@@ -52,7 +53,7 @@ for src in "${SOURCES[@]}"; do
     -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
     -D__CUDA_NO_HALF2_OPERATORS__ \
-    --compiler-options "-fPIC,-Wall,-Wextra" -Xcudafe --display_error_number \
+    --compiler-options "-fPIC,-Wall,-Wextra" -Xcudafe --display_error_number -Xptxas -v \
     "${INCLUDES[@]}" >"$log" 2>&1
   rc=$?
   # diagnostics located in our sources: "<path under csrc>(line): warning" (cudafe) or "<path>:line:col: warning" (gcc)
@@ -69,6 +70,45 @@ for src in "${SOURCES[@]}"; do
   else
     if [[ -n "${VERBOSE:-}" ]]; then grep -E "warning" "$log" | sed 's/^/  filtered: /'; fi
     echo "ok   $rel (sm_80, sm_90a; $all_warnings warning lines from torch/CUDA headers filtered)"
+    # ptxas -v: "Compiling entry function '<mangled>' for 'sm_XX'", then the function's stack / spill line and its
+    # "Used N registers" line
+    if ! "$PY" - "$log" <<'PYEOF'
+import re, shutil, subprocess, sys
+rows, cur = [], None
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"Compiling entry function '([^']+)' for '(sm_[0-9a-z]+)'", line)
+    if m:
+        cur = {"name": m.group(1), "arch": m.group(2), "stack": 0, "stores": 0, "loads": 0, "regs": None}
+        rows.append(cur)
+        continue
+    if cur is None:
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        cur["stack"], cur["stores"], cur["loads"] = map(int, m.groups())
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        cur["regs"] = int(m.group(1))
+names = sorted({r["name"] for r in rows})
+pretty = dict(zip(names, names))
+if names and shutil.which("c++filt"):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    for n, p in zip(names, out):
+        pretty[n] = p.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+spills = [r for r in rows if r["stores"] or r["loads"]]
+print(f"  {'kernel':<58} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
+for r in sorted(rows, key=lambda r: (pretty[r["name"]], r["arch"])):
+    print(f"  {pretty[r['name']][:58]:<58} {r['arch']:<7} {r['regs'] or 0:>4} {r['stack']:>5} "
+          f"{str(r['stores']) + '/' + str(r['loads']):>11}")
+if not rows:
+    print("  (ptxas printed no kernel table)")
+if spills:
+    print(f"FAIL: {len(spills)} kernel(s) spill registers")
+sys.exit(1 if spills else 0)
+PYEOF
+    then
+      status=1
+    fi
   fi
 done
 exit $status

@@ -202,3 +202,41 @@ def check_opcheck(ops, dtype, p, device="cpu"):
     args = [v.detach() for v in (dy, x, weight, router, lora_a, lora_b, h, g)]
     torch.library.opcheck(ops.fused_backward.default, (*args, 2.0, p, 11, [True, True, True, True]))
     torch.library.opcheck(ops.fused_backward.default, (*args, 2.0, p, 11, [False, True, False, True]))
+
+
+def packed(router, lora_a, lora_b):
+    """Copies of router (K, d_in), lora_a (r, d_in) and lora_b (K, d_out, r) in ILoRALinear's packed layout
+    (ilora_kernels/ops/layout.py): one (K + r, d_in) buffer, lora_b a view of a (d_out, K, r) buffer."""
+    shrink = torch.cat((router, lora_a), 0).contiguous()
+    heads = lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    return shrink[:router.shape[0]], shrink[router.shape[0]:], heads
+
+
+def check_packed_layout(forward, backward, dtype, p, n, device="cpu"):
+    """The raw ops ``forward`` / ``backward`` on adapter tensors in the packed layout: the float64 result for every
+    output mask, d_lora_b in lora_b's (packed) layout and the other outputs contiguous; on separate tensors
+    d_lora_b is contiguous. ``n`` <= r (8) takes the CPU backend's few-token path."""
+    d_in, d_out, heads, rank = 17, 19, 3, 8
+    inputs = make_inputs(n, d_in, d_out, heads, rank, "skewed", dtype, seed=11, with_dy=True)
+    x, weight, b, router, lora_a, lora_b, dy = [v.to(device) for v in inputs]
+    seed, scaling = 1234567, 1.5
+    want_y, want_h, want_g, want_grads = float64_grads(x, weight, b, router, lora_a, lora_b, scaling, p, seed, 0, dy)
+    want_back = [want_grads[0], want_grads[3], want_grads[4], want_grads[5]]
+    tol = tolerance(dtype, 0.0)
+    p_router, p_lora_a, p_lora_b = packed(router, lora_a, lora_b)
+    assert p_lora_b.stride() == (rank, heads * rank, 1)
+    for adapter, layout in (((p_router, p_lora_a, p_lora_b), "packed"), ((router, lora_a, lora_b), "separate")):
+        y, h, g = forward(x, weight, b, *adapter, scaling, p, seed, 0)
+        for name, actual, want in (("y", y, want_y), ("h", h, want_h), ("g", g, want_g)):
+            assert rel_err(actual, want) <= tol, (layout, name)
+        for mask in OUTPUT_MASKS[:-1]:
+            outs = backward(dy, x, weight, *adapter, h, g, scaling, p, seed, mask)
+            for name, m, actual, want in zip(("dx", "drouter", "dlora_a", "dlora_b"), mask, outs, want_back):
+                if not m:
+                    assert actual.shape == (0,), (layout, name, mask)
+                    continue
+                assert actual.shape == want.shape and rel_err(actual, want) <= tol, (layout, name, mask)
+                if name == "dlora_b" and layout == "packed":
+                    assert actual.stride() == p_lora_b.stride(), (layout, mask, actual.stride())
+                else:
+                    assert actual.is_contiguous(), (layout, name, mask, actual.stride())

@@ -30,6 +30,7 @@ from fused_op_checks import (
     check_every_output_mask,
     check_non_contiguous_inputs,
     check_outputs_fully_written,
+    check_packed_layout,
     check_zero_tokens,
     float64_grads,
     make_inputs,
@@ -111,6 +112,11 @@ def test_every_output_mask(emu, dtype, p, top_k):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_non_contiguous_inputs(emu, p):
     check_non_contiguous_inputs(emu, p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_packed_layout(emu, p):
+    check_packed_layout(emu.fused_forward, emu.fused_backward, torch.float32, p, n=33)
 
 
 def test_dropout_mask_is_the_shared_hash(emu):

@@ -135,3 +135,12 @@ def test_a_bf16_model_trains_float32_adapters_and_saves_them(tmp_path):
     for name, layer in ik.ilora_layers(again).items():
         assert layer.lora_b.dtype == torch.float32
         assert torch.equal(layer.lora_b, layers[name].lora_b)
+
+
+def test_float32_masters_must_be_all_three():
+    x, weight, bias, router, lora_a, lora_b = make_inputs(4, 8, 6, 3, 2, dtype=torch.bfloat16, seed=0)
+    with pytest.raises(TypeError, match=r"router_weight is float32 but lora_a and lora_b have dtype torch.bfloat16: "
+                                        r"float32 master weights .* must be all three"):
+        ik.ilora_linear(x, weight, bias, router.float(), lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match=r"lora_a and lora_b are float32 but router_weight has dtype"):
+        ik.ilora_linear(x, weight, bias, router, lora_a.float(), lora_b.float(), 1.0)

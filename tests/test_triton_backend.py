@@ -11,6 +11,7 @@ import torch
 
 import ilora_kernels as ik
 import ilora_kernels.functional as functional
+from fused_op_checks import check_packed_layout
 from ilora_float64 import ilora_float64, make_inputs
 from ilora_kernels._dropout import keep_mask
 
@@ -302,3 +303,12 @@ def test_large_bf16_matches_float64(mode, fused_v, ilora_env):
         return ik.ilora_linear(*t, 2.0, dropout_p=0.1, training=True, backend="triton", return_router_weights=True)
 
     check_against_oracle(inputs, 2.0, 0.1, seed, None, run, torch.bfloat16, dg=True)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_layout(p, mode, ilora_env):
+    """Adapter tensors in ILoRALinear's packed layout (ops/layout.py): exact, and d_lora_b in lora_b's layout."""
+    ilora_env(ILORA_TRITON_BASE_GEMM=mode)
+    ops = torch.ops.ilora_kernels
+    check_packed_layout(ops.triton_forward, ops.triton_backward, torch.float32, p, n=33, device=DEVICE)

@@ -9,7 +9,8 @@
 //   backward  V = dy B_cat (one GEMM); one token pass -> D = [dz | dh] (and u when dB is needed);
 //             p == 0: dx = dy W + D [W_r; A] (beta = 1 into dx) and [dW_r; dA] = D^T x (ONE GEMM each);
 //             p > 0:  dx = dy W + dz W_r, then ONE mask pass that adds mask / (1 - p) * (dh A) to dx and
-//                     writes dropout(x); dW_r = dz^T x, dA = dh^T dropout(x).  dB = s dy^T u (one GEMM, then a small permute copy).
+//                     writes dropout(x); dW_r = dz^T x, dA = dh^T dropout(x).  dB = s dy^T u (one GEMM; a permute copy
+//                     unless lora_b is packed, ../layout.h).
 //
 // Strides: x and dy are never copied by this file; they go to ATen's GEMMs as given (which handle any 2-D strides,
 // copying internally only when neither dimension has unit stride), and the dropout pass reads x through its
@@ -32,6 +33,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../layout.h"
 #include "../token_math.h"
 
 namespace ilora {
@@ -41,15 +43,10 @@ constexpr int64_t kGrain = 32768;  // elements of work per parallel_for chunk (a
 
 int64_t token_grain(int64_t work_per_token) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_token)); }
 
-// Few tokens (decode sizes): per-head GEMMs straight on lora_b beat building B_cat and [W_r; A], whose copies
-// (d_out K r and (K + r) d_in elements) cost more than the K - 1 extra passes over the small y / dy.
-bool per_head_path(int64_t n_tokens, int64_t rank) { return n_tokens <= rank; }
-
-// B_cat = [B_1 | ... | B_K]: (K, d_out, r) -> (d_out, K r), a small contiguous copy.
-at::Tensor concat_heads(const at::Tensor& lora_b) {
-  const int64_t num_heads = lora_b.size(0), d_out = lora_b.size(1), rank = lora_b.size(2);
-  return lora_b.permute({1, 0, 2}).contiguous().view({d_out, num_heads * rank});
-}
+// Few tokens (decode sizes) and adapter tensors that are not in the packed layout (../layout.h): per-head GEMMs
+// straight on lora_b and separate router / A GEMMs beat building B_cat and [W_r; A], whose copies (d_out K r and
+// (K + r) d_in elements) cost more than the extra passes over the small x / y / dy. Packed, both are free views.
+bool few_tokens(int64_t n_tokens, int64_t rank) { return n_tokens <= rank; }
 
 // out (N, d_in, contiguous) = dropout_p(x), x read through its strides.
 template <typename scalar_t>
@@ -232,10 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   at::Tensor z;  // source of the logits (row stride ld_z) and of h (row stride ld_h)
   int64_t ld_z = 0, ld_h = 0, h_offset = 0;
   at::Tensor h_src;
-  const bool per_head = per_head_path(n, rank);
-  if (dropout_p == 0.0 && !per_head) {
-    // ONE shrink GEMM against [W_r; A] ((K + r) x d_in, a small copy)
-    z = gemm(x, at::cat({router_weight, lora_a}, 0).t());
+  const bool few = few_tokens(n, rank);
+  const bool per_head = few && !heads_packed(lora_b);
+  if (dropout_p == 0.0 && !(few && !shrink_packed(router_weight, lora_a))) {
+    // ONE shrink GEMM against [W_r; A] ((K + r) x d_in: a view when packed)
+    z = gemm(x, shrink_concat(router_weight, lora_a).t());
     ld_z = num_heads + rank;
     h_src = z;
     ld_h = ld_z;
@@ -294,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const bool need_v = need_dx || need_dwr || need_da;
   if (!need_v && !need_db) return {dx, d_router, d_lora_a, d_lora_b};
 
-  const bool per_head = per_head_path(n, rank);
+  const bool few = few_tokens(n, rank);
+  const bool per_head = few && !heads_packed(lora_b), separate_shrink = few && !shrink_packed(router_weight, lora_a);
   at::Tensor v, d, u;
   if (need_v) {
     if (per_head) {
@@ -321,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   } else if (need_db) {
     at::Tensor db_cat = at::empty({d_out, kr}, x.options());
     gemm_out(db_cat, dy.t(), u, scaling);  // s dy^T u
-    d_lora_b = db_cat.view({d_out, num_heads, rank}).permute({1, 0, 2}).contiguous();
+    d_lora_b = heads_grad(db_cat, lora_b);  // lora_b's layout: a view when packed
   }
   if (!need_v) return {dx, d_router, d_lora_a, d_lora_b};
 
@@ -330,11 +329,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     if (need_dx) {
       dx = at::empty({n, d_in}, x.options());
       gemm_out(dx, dy, weight);
-      if (per_head) {
+      if (separate_shrink) {
         gemm_acc(dx, dz, router_weight);
         gemm_acc(dx, dh, lora_a);
       } else {
-        gemm_acc(dx, d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
+        gemm_acc(dx, d, shrink_concat(router_weight, lora_a));  // + [dz | dh] [W_r; A]
       }
     }
     if (need_dwr && need_da) {

@@ -55,6 +55,7 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 
 #include "../checks.h"
 #include "../common.h"
+#include "../layout.h"
 #include "../token_math.h"
 
 #ifndef ILORA_CUDA_MAX_BLOCKS
@@ -283,11 +284,6 @@ at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options
   return t;
 }
 
-at::Tensor concat_heads(const at::Tensor& lora_b) {
-  const int64_t num_heads = lora_b.size(0), d_out = lora_b.size(1), rank = lora_b.size(2);
-  return lora_b.permute({1, 0, 2}).contiguous().view({d_out, num_heads * rank});
-}
-
 void check_heads(const char* op, const at::Tensor& router_weight) {
   TORCH_CHECK(router_weight.size(0) <= kMaxHeads, op, ": router_weight has shape ", router_weight.sizes(),
               ": the CUDA backend supports at most ", kMaxHeads, " heads (K)");
@@ -309,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
   at::Tensor u = uninitialized({n, num_heads * rank}, x.options());
   if (dropout_p == 0.0) {
     // ONE shrink GEMM against [W_r; A]; the route kernel reads the logits and h out of it
-    const at::Tensor z = at::mm(x, at::cat({router_weight, lora_a}, 0).t());
+    const at::Tensor z = at::mm(x, shrink_concat(router_weight, lora_a).t());
     launch_route(z, num_heads + rank, z, num_heads, num_heads + rank, g, h, u, top);
   } else {
     const at::Tensor logits = at::mm(x, router_weight.t());  // the router sees the clean x
@@ -350,9 +346,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   launch_backward_tokens(need_v ? &v : nullptr, h, g, need_v ? &d : nullptr, need_db ? &u : nullptr, scaling);
 
   if (need_db) {
-    at::Tensor db_cat = at::mm(dy.t(), u);  // (d_out, K r)
-    d_lora_b = uninitialized({num_heads, d_out, rank}, x.options());
-    at::mul_out(d_lora_b, db_cat.view({d_out, num_heads, rank}).permute({1, 0, 2}), at::Scalar(scaling));
+    at::Tensor db_cat = uninitialized({d_out, kr}, x.options());
+    at::addmm_out(db_cat, db_cat, dy.t(), u, /*beta=*/0, /*alpha=*/scaling);  // s dy^T u; beta = 0 never reads it
+    d_lora_b = heads_grad(db_cat, lora_b);  // lora_b's layout: a view when packed
   }
   if (!need_v) return {dx, d_router, d_lora_a, d_lora_b};
 
@@ -361,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     if (need_dx) {
       dx = uninitialized({n, d_in}, x.options());
       at::mm_out(dx, dy, weight);
-      dx.addmm_(d, at::cat({router_weight, lora_a}, 0));  // + [dz | dh] [W_r; A]
+      dx.addmm_(d, shrink_concat(router_weight, lora_a));  // + [dz | dh] [W_r; A]
     }
     if (need_dwr && need_da) {
       const at::Tensor grads = at::mm(d.t(), x);  // [dW_r; dA] = [dz | dh]^T x in ONE GEMM

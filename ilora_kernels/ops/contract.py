@@ -7,6 +7,9 @@ A backend is a pair of ``torch.library`` custom ops on flattened 2-D activations
     <b>_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, dropout_p, seed, output_mask)
         -> (dx, d_router_weight, d_lora_a, d_lora_b)      (empty tensors where output_mask is False)
 
+d_lora_b has lora_b's layout when lora_b is packed (``ops/layout.py``: autograd then accumulates it without a
+copy) and is contiguous otherwise; the other outputs are contiguous.
+
 ``top_k = 0`` means dense routing; ``seed`` picks the dropout mask (``ilora_kernels._dropout``). ``define`` turns two
 Python functions with these arguments into the pair (``FORWARD_SCHEMA`` / ``BACKWARD_SCHEMA``; compiled backends
 declare the same schemas in ``csrc/op_schemas.h``); ``attach`` registers the shared fake (meta) implementations and
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .layout import empty_heads_grad
 
 __all__ = ["BACKWARD_SCHEMA", "DOUBLE_BACKWARD_MESSAGE", "FORWARD_SCHEMA", "OpPair", "attach", "backward_body",
            "define", "fake_backward", "fake_forward", "router_dtype", "setup_context"]
@@ -61,7 +66,7 @@ def fake_backward(dy, x, weight, router_weight, lora_a, lora_b, h, g, scaling, d
         return t.new_empty(t.shape) if needed else t.new_empty(0)
 
     return (grad_like(x, output_mask[0]), grad_like(router_weight, output_mask[1]), grad_like(lora_a, output_mask[2]),
-            grad_like(lora_b, output_mask[3]))
+            empty_heads_grad(lora_b) if output_mask[3] else lora_b.new_empty(0))
 
 
 def setup_context(ctx, inputs, output):

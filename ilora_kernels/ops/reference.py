@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .._dropout import apply_dropout
 from .contract import define, router_dtype
+from .layout import concat_heads, heads_grad
 from .registry import register
 
 
@@ -29,12 +30,6 @@ def router_probabilities(x2d: torch.Tensor, router_weight: torch.Tensor, top_k: 
         g = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
         return g.scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1, dtype=dtype))
     return torch.softmax(logits, dim=-1, dtype=dtype)
-
-
-def concat_heads(lora_b: torch.Tensor) -> torch.Tensor:
-    """B_cat = [B_1 | ... | B_K]: (K, d_out, r) -> (d_out, K * r)."""
-    num_heads, d_out, rank = lora_b.shape
-    return lora_b.permute(1, 0, 2).reshape(d_out, num_heads * rank)
 
 
 def routed_activations(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -63,7 +58,7 @@ def backward(dy, x2d, weight, router_weight, lora_a, lora_b, h, g, scaling: floa
 
     if need_db:
         d_b_cat = scaling * (dy.t() @ routed_activations(g, h))  # (d_out, K r)
-        d_lora_b = d_b_cat.reshape(d_out, num_heads, rank).permute(1, 0, 2).contiguous()
+        d_lora_b = heads_grad(d_b_cat, lora_b)
     if not (need_dx or need_dwr or need_da):
         return dx, d_router, d_lora_a, d_lora_b
 

@@ -4,8 +4,9 @@ Forward (2 launches):
   1. ``_shrink_route_kernel``: one pass over x per token block with two fp32 accumulators, router logits
      ``x W_r^T`` (clean x) and ``h = A dropout(x)`` (mask regenerated in registers); fp32 softmax / top-k in
      registers; writes h (N, r), g (N, K) float32 and u = [g_1 h, ..., g_K h] (N, K r).
-  2. ``_base_expand_kernel``: ``y = [x | u] [W | s B_cat]^T + b``: the usual reduction over d_in followed by
-     K r / BLOCK_K more iterations over u and B_cat (read straight from lora_b's (K, d_out, r) layout).
+  2. ``_base_expand_kernel``: ``y = [x | u] [W | s B_cat]^T + b`` in one fp32 accumulator: K r / BLOCK_K
+     iterations over u and B_cat (read straight from lora_b's (K, d_out, r) layout), scaled by s, then the usual
+     reduction over d_in.
      ``ILORA_TRITON_BASE_GEMM=cublas`` replaces it by ``addmm(b, x, W^T)`` + ``addmm_(u, B_cat^T, alpha=s)``;
      the default ``auto`` picks by size (see ``_base_gemm_mode``).
 
@@ -25,7 +26,7 @@ computed here in uint32 arithmetic, which wraps exactly like the reference's int
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,7 +34,8 @@ from torch import Tensor
 from .. import settings
 from .._dropout import keep_threshold, seed32
 from .contract import define
-from .reference import concat_heads, routed_activations
+from .layout import concat_heads, heads_grad
+from .reference import routed_activations
 from .registry import BackendUnavailable, register
 
 _INTERPRET = settings.get().triton_interpret
@@ -192,9 +194,23 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
     rn_s = rn % d_out
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
 
+    # one fp32 accumulator: the expand first (u (N, K r) against B_cat^T, B_cat[n, k r + j] = lora_b[k, n, j]),
+    # scaled by s, then the base reduction over d_in on top of it (two accumulators took 255 registers and spilled
+    # in the 128x128 / 4-warp and 128x256 / 8-warp tiles: docs/kernel_design.md, "Ahead-of-time compile report")
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, KR, BLOCK_K):
+        cc = c0 + rk
+        c_ok = cc < KR
+        head = cc // R
+        j = cc - head * R
+        ut = tl.load(u_ptr + rm_s[:, None] * KR + cc[None, :], mask=c_ok[None, :], other=0.0)
+        bt = tl.load(lb_ptr + head[:, None] * sb0 + rn_s[None, :] * sb1 + j[:, None] * sb2, mask=c_ok[:, None],
+                     other=0.0)
+        acc = _dot(ut, bt, acc, IEEE)
+    acc = acc * scaling
+
     x_ptrs = x_ptr + rm_s[:, None] * sxm + rk[None, :] * sxk
     w_ptrs = w_ptr + rn_s[None, :] * swn + rk[:, None] * swk                         # (BLOCK_K, BLOCK_N) = W^T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs)
@@ -207,19 +223,6 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
 
-    # extended reduction: u (N, K r) against B_cat^T, B_cat[n, k r + j] = lora_b[k, n, j]
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, KR, BLOCK_K):
-        cc = c0 + rk
-        c_ok = cc < KR
-        head = cc // R
-        j = cc - head * R
-        ut = tl.load(u_ptr + rm_s[:, None] * KR + cc[None, :], mask=c_ok[None, :], other=0.0)
-        bt = tl.load(lb_ptr + head[:, None] * sb0 + rn_s[None, :] * sb1 + j[:, None] * sb2, mask=c_ok[:, None],
-                     other=0.0)
-        acc2 = _dot(ut, bt, acc2, IEEE)
-
-    acc = acc + scaling * acc2
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn_s * sbias).to(tl.float32)
         acc = acc + bias[None, :]
@@ -228,11 +231,14 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr,
 
 
 def _gemm_configs():
+    """The autotune candidates of ``_base_expand_kernel``. None may spill registers at sm_80 or sm_90a (compiled ahead
+    of time by tests/test_triton_aot.py): 128x256x64 / 8 warps and 128x128x64 / 4 warps still spilled at sm_80 with
+    the single accumulator (16 and 160 bytes), so those two tiles take BLOCK_K = 32."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
     ]
@@ -442,6 +448,59 @@ def _use_fused_v(cols: int) -> bool:
 
 _DETERMINISTIC_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 
+# ---------------------------------------------------------------------------------------------------------------
+# tile choices of the launchers: pure functions of the problem (``interpret`` is ``_INTERPRET`` at run time), shared
+# with the ahead-of-time compile report (ilora_kernels.ops.triton_aot), which compiles what a GPU run launches
+
+
+def _head_pads(num_heads: int, rank: int, head_min: int = 16) -> Tuple[int, int]:
+    """(KP, RP): the heads and the rank padded to powers of two (tl.dot wants at least 16 in each dimension)."""
+    return _pow2(num_heads, head_min), _pow2(rank, 16)
+
+
+def _shrink_route_tile(rp: int, interpret: bool) -> dict:
+    """BLOCK_M, BLOCK_D, num_warps, num_stages of ``_shrink_route_kernel``."""
+    if interpret:
+        return {"BLOCK_M": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
+    # H100 sweep at 4096 x 3584, K=3, r=128: (64, 64, 8 warps, 4 stages) 68 us vs (32, 64, 4, 3) 87 us
+    return {"BLOCK_M": 64 if rp <= 128 else 16, "BLOCK_D": 64, "num_warps": 8 if rp <= 128 else 4, "num_stages": 4}
+
+
+def _expand_backward_tile(kp: int, rp: int, from_v: bool, elem_size: int, interpret: bool) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of ``_expand_backward_kernel``; kp * rp fp32 columns of V."""
+    cols = kp * rp
+    if from_v:          # V from cuBLAS: the per-token part only (BLOCK_N unused)
+        bm, bn, warps = 16, 16, 4
+    elif interpret:
+        bm, bn, warps = 32, 32, 4
+    else:
+        bm = 64 if cols <= 256 else 32
+        bn = max(16, min(64, 32768 // (cols * elem_size)))
+        warps = 8 if cols >= 256 else 4
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2}
+
+
+def _shrink_backward_tile(rp: int, interpret: bool) -> dict:
+    """BLOCK_T, BLOCK_D, num_warps of ``_shrink_backward_kernel`` (num_stages: Triton's default)."""
+    bt, bd = (32, 32) if interpret else (64, 64)
+    return {"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": 4 if rp <= 64 else 8}
+
+
+def _token_splits(n: int, d_in: int, block_t: int, block_d: int, sms: Optional[int]) -> Tuple[int, int]:
+    """(splits, tokens_per_split) of the dW_r / dA token reduction: about two programs per SM (``sms``, the device's
+    multiprocessor count; None under the interpreter: two splits)."""
+    n_dblk = triton.cdiv(d_in, block_d)
+    n_tblk = max(1, triton.cdiv(n, block_t))
+    splits = min(n_tblk, 2) if sms is None else max(1, min(n_tblk, triton.cdiv(2 * sms, n_dblk)))
+    tokens_per_split = triton.cdiv(n_tblk, splits) * block_t
+    return max(1, triton.cdiv(n, tokens_per_split)), tokens_per_split
+
+
+def _dx_tile(rp: int, interpret: bool) -> dict:
+    """BLOCK_M, BLOCK_D, BLOCK_R, num_warps of ``_dx_kernel`` (num_stages: Triton's default)."""
+    bm, bd = (32, 32) if interpret else (64, 64)
+    return {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_R": min(rp, 64), "num_warps": 4}
+
 
 def deterministic_mode() -> bool:
     """Whether the deterministic mode is on: the ILORA_DETERMINISTIC setting or
@@ -508,20 +567,15 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
         return y, h, g
     u = _empty(n, num_heads * rank, dtype=dt, device=dev)
     has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
-    kp, rp = _pow2(num_heads, 16), _pow2(rank, 16)
+    kp, rp = _head_pads(num_heads, rank)
     ieee = dt == torch.float32
     top = int(top_k) if 0 < int(top_k) < num_heads else 0
-    if _INTERPRET:
-        bm, bd, warps, stages = 32, 32, 4, 1
-    else:   # H100 sweep at 4096 x 3584, K=3, r=128: (64, 64, 8 warps, 4 stages) 68 us vs (32, 64, 4, 3) 87 us
-        bm = 64 if rp <= 128 else 16
-        bd, warps, stages = 64, (8 if rp <= 128 else 4), 4
-    _shrink_route_kernel[(triton.cdiv(n, bm),)](
+    tile = _shrink_route_tile(rp, _INTERPRET)
+    _shrink_route_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
         x, router_weight, lora_a, h, g, u, n, d_in, num_heads, rank, num_heads * rank,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
         lora_a.stride(1), seed_u, thr, dscale,
-        HAS_DROPOUT=has_drop, TOP_K=top, IEEE=ieee, BLOCK_M=bm, BLOCK_D=bd, KP=kp, RP=rp, num_warps=warps,
-        num_stages=stages)
+        HAS_DROPOUT=has_drop, TOP_K=top, IEEE=ieee, KP=kp, RP=rp, **tile)
     if _base_gemm_mode(n, d_out) == "cublas":
         if bias is None:
             torch.mm(x, weight.t(), out=y)
@@ -549,52 +603,37 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
     dx = d_router = d_lora_a = d_lora_b = None
 
     if need_db:
-        d_lora_b = _empty(num_heads, d_out, rank, dtype=lora_b.dtype, device=dev)
+        d_b_cat = _empty(d_out, num_heads * rank, dtype=lora_b.dtype, device=dev)
         if n == 0:
-            d_lora_b.zero_()
-        else:
-            u = routed_activations(g, h)
-            d_b_cat = torch.mm(dy.t(), u)                                          # (d_out, K r)
-            torch.mul(d_b_cat.view(d_out, num_heads, rank).permute(1, 0, 2), scaling, out=d_lora_b)  # one pass
+            d_b_cat.zero_()
+        else:       # s dy^T u in one GEMM (beta = 0: the empty output is never read)
+            torch.addmm(d_b_cat, dy.t(), routed_activations(g, h), beta=0, alpha=scaling, out=d_b_cat)
+        d_lora_b = heads_grad(d_b_cat, lora_b)         # lora_b's layout: a view when packed
 
     if need_dx or need_dwr or need_da:
         has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
         dh = _empty(n, rank, dtype=dt, device=dev)
         dz = _empty(n, num_heads, dtype=dt, device=dev)
-        kpv, rpv = _pow2(num_heads, 2), _pow2(rank, 16)
+        kpv, rpv = _head_pads(num_heads, rank, 2)
         if n > 0:
             from_v = not _use_fused_v(kpv * rpv)
             if from_v:
                 v = torch.mm(dy, concat_heads(lora_b))                            # (N, K r) cuBLAS
-                bm, bn, warps = 16, 16, 4
                 v_arg, svm = v, v.stride(0)
             else:
                 v_arg, svm = dy, 0
-                if _INTERPRET:
-                    bm, bn, warps = 32, 32, 4
-                else:
-                    bm = 64 if kpv * rpv <= 256 else 32
-                    esz = dy.element_size()
-                    bn = max(16, min(64, 32768 // (kpv * rpv * esz)))
-                    warps = 8 if kpv * rpv >= 256 else 4
-            _expand_backward_kernel[(triton.cdiv(n, bm),)](
+            tile = _expand_backward_tile(kpv, rpv, from_v, dy.element_size(), _INTERPRET)
+            _expand_backward_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
                 dy, lora_b, v_arg, g, h, dh, dz, n, d_out, num_heads, rank,
                 dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), svm,
-                float(scaling), FROM_V=from_v, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, KP=kpv, RP=rpv,
-                num_warps=warps, num_stages=2)
+                float(scaling), FROM_V=from_v, IEEE=ieee, KP=kpv, RP=rpv, **tile)
 
-        kp16, rp16 = _pow2(num_heads, 16), _pow2(rank, 16)
+        kp16, rp16 = _head_pads(num_heads, rank)
         if need_dwr or need_da:
-            bt, bd = (32, 32) if _INTERPRET else (64, 64)
-            n_dblk = triton.cdiv(d_in, bd)
-            n_tblk = max(1, triton.cdiv(n, bt))
-            if _INTERPRET:
-                splits = min(n_tblk, 2)
-            else:
-                sms = torch.cuda.get_device_properties(dev).multi_processor_count
-                splits = max(1, min(n_tblk, triton.cdiv(2 * sms, n_dblk)))
-            tokens_per_split = triton.cdiv(n_tblk, splits) * bt
-            splits = max(1, triton.cdiv(n, tokens_per_split))
+            tile = _shrink_backward_tile(rp16, _INTERPRET)
+            n_dblk = triton.cdiv(d_in, tile["BLOCK_D"])
+            sms = None if _INTERPRET else torch.cuda.get_device_properties(dev).multi_processor_count
+            splits, tokens_per_split = _token_splits(n, d_in, tile["BLOCK_T"], tile["BLOCK_D"], sms)
             pwr = _empty(splits, num_heads, d_in, dtype=torch.float32, device=dev)
             pa = _empty(splits, rank, d_in, dtype=torch.float32, device=dev)
             if n == 0:
@@ -603,8 +642,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
             else:
                 _shrink_backward_kernel[(n_dblk, splits)](
                     x, dz, dh, pwr, pa, n, d_in, num_heads, rank, tokens_per_split, x.stride(0), x.stride(1),
-                    seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, BLOCK_T=bt, BLOCK_D=bd, KP=kp16,
-                    RP=rp16, num_warps=4 if rp16 <= 64 else 8)
+                    seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, KP=kp16, RP=rp16, **tile)
             if need_dwr:
                 d_router = _empty(num_heads, d_in, dtype=router_weight.dtype, device=dev)
                 d_router.copy_(pwr.sum(dim=0))
@@ -616,13 +654,11 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
             dx = _empty(n, d_in, dtype=dt, device=dev)
             torch.mm(dy, weight, out=dx)
             if n > 0:
-                bm, bd = (32, 32) if _INTERPRET else (64, 64)
-                br = min(rp16, 64)
-                _dx_kernel[(triton.cdiv(n, bm), triton.cdiv(d_in, bd))](
+                tile = _dx_tile(rp16, _INTERPRET)
+                _dx_kernel[(triton.cdiv(n, tile["BLOCK_M"]), triton.cdiv(d_in, tile["BLOCK_D"]))](
                     dx, dz, dh, router_weight, lora_a, n, d_in, num_heads, rank,
                     dx.stride(0), dx.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
-                    lora_a.stride(1), seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, BLOCK_M=bm,
-                    BLOCK_D=bd, KP=kp16, BLOCK_R=br, num_warps=4)
+                    lora_a.stride(1), seed_u, thr, dscale, HAS_DROPOUT=has_drop, IEEE=ieee, KP=kp16, **tile)
 
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, d_router, d_lora_a, d_lora_b))
 
