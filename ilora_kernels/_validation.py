@@ -123,9 +123,10 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
             raise TypeError(f"{name} has dtype {t.dtype}; ilora_linear needs float16, bfloat16, float32 or float64")
         if t.dtype != x.dtype and name not in masters:
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share one dtype, "
-                            f"with one exception (mixed precision): router_weight, lora_a and lora_b may all be float32 "
-                            f"when x and weight are float16 or bfloat16. Either keep the adapter in float32 on a "
-                            f"half-precision base, or run under torch.autocast, which casts every tensor to its dtype")
+                            f"with one exception (mixed precision): router_weight, lora_a and lora_b may all be "
+                            f"float32 when x and weight are float16 or bfloat16. Either keep the adapter in float32 on "
+                            f"a half-precision base, or run under torch.autocast, which casts every tensor to its "
+                            f"dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
     if 0 < len(masters) < 3:
