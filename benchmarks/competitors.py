@@ -6,11 +6,14 @@
                  in a Python loop with plain autograd (A is re-applied inside the loop, and K full-size (N, d_out)
                  temporaries are kept for backward).
 * ``peft``       PEFT's own LoRA layer (the real ``peft`` package), K = 1, same rank, same base weight, lora_B random.
-* ours           ``ilora_kernels.ilora_linear(..., backend=name)`` for every backend of the registry, and "triton"
-                 twice more: ``triton-fused`` / ``triton-cublas`` (the ``ILORA_TRITON_BASE_GEMM`` setting).
+* ours           ``ilora_kernels.ILoRALinear(..., backend=name)`` (the drop-in module, its own parameter layout,
+                 adapters in the activation dtype) for every backend of the registry, and "triton" twice more:
+                 ``triton-fused`` / ``triton-cublas`` (the ``ILORA_TRITON_BASE_GEMM`` setting).
 
 Every trainable parameter is random (never zero), x requires grad (dx is computed), the base weight is frozen.
 Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` accumulation kernels in the timings).
+A case's ``dropout`` is applied by every competitor but the base layer (training mode); a ``decode`` case is a
+forward without autograd (``Runner.infer``), dropout off.
 """
 
 from __future__ import annotations
@@ -42,14 +45,21 @@ class Case:
     r: int
     k: int
     alpha: Optional[float] = None  # None: alpha = 2 r (scaling 2, the Crab+ recipe's 256 / 128)
+    dropout: float = 0.0  # applied in training mode by every competitor with an adapter
+    decode: bool = False  # forward only, no autograd (inference), dropout off
 
     @property
     def scaling(self) -> float:
         return (self.alpha if self.alpha is not None else 2.0 * self.r) / self.r
 
     @property
+    def mode(self) -> str:
+        return "decode" if self.decode else "train"
+
+    @property
     def label(self) -> str:
-        return f"{self.shape} {self.d_in}->{self.d_out} N={self.n} r={self.r} K={self.k}"
+        extra = (" decode" if self.decode else "") + (f" p={self.dropout:g}" if self.dropout else "")
+        return f"{self.shape} {self.d_in}->{self.d_out} N={self.n} r={self.r} K={self.k}{extra}"
 
 
 def base_flops(n: int, d_in: int, d_out: int) -> Tuple[float, float]:
@@ -76,6 +86,13 @@ def floor_ratios(case: Case) -> Dict[str, float]:
     bf, bb = base_flops(case.n, case.d_in, case.d_out)
     af, ab = adapter_flops(case.n, case.d_in, case.d_out, case.r, case.k)
     return {"fwd": (bf + af) / bf, "bwd": (bb + ab) / bb, "fwdbwd": (bf + bb + af + ab) / (bf + bb)}
+
+
+def decode_byte_floor(case: Case) -> float:
+    """Bytes a decode step must read, over the frozen base layer's: (W0 + [W_r; A] + B_cat) / W0 (weights dominate
+    at N <= 16)."""
+    base = case.d_out * case.d_in
+    return (base + (case.k + case.r) * case.d_in + case.k * case.r * case.d_out) / base
 
 
 def useful_flops(case: Case, competitor: str) -> Tuple[float, float]:
@@ -226,6 +243,11 @@ class Runner:
         y = self.fwd()
         return torch.autograd.grad(y, self.grad_inputs, self.dy)
 
+    def infer(self) -> Tensor:
+        """The decode measure: forward without autograd."""
+        with torch.no_grad():
+            return self.fwd()
+
 
 def _base(inp: Inputs, case: Case) -> Runner:
     x, w, b = inp.x, inp.weight, inp.bias
@@ -234,7 +256,9 @@ def _base(inp: Inputs, case: Case) -> Runner:
 
 
 def _crab(inp: Inputs, case: Case) -> Runner:
-    mod = CrabLoopLinear(_shared_linear(inp.weight, inp.bias), case.r, case.k, case.scaling * case.r, dropout=0.0)
+    mod = CrabLoopLinear(_shared_linear(inp.weight, inp.bias), case.r, case.k, case.scaling * case.r,
+                         dropout=0.0 if case.decode else case.dropout)
+    mod.train(not case.decode)
     with torch.no_grad():  # the same values as every other competitor
         mod.lora_route.weight.copy_(inp.router_weight)
         mod.lora_A.weight.copy_(inp.lora_a)
@@ -260,11 +284,13 @@ def _peft(inp: Inputs, case: Case) -> Runner:
         import peft
     except ImportError as exc:
         raise Unavailable(f"peft is not installed ({exc})") from None
-    cfg = peft.LoraConfig(r=case.r, lora_alpha=case.scaling * case.r, target_modules=["proj"], lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=case.r, lora_alpha=case.scaling * case.r, target_modules=["proj"],
+                          lora_dropout=0.0 if case.decode else case.dropout)
     # autocast_adapter_dtype=False: keep the adapter in the activation dtype like every other competitor
     model = peft.get_peft_model(_OneLinear(_shared_linear(inp.weight, inp.bias)), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj  # peft.tuners.lora.Linear: what replaces the nn.Linear in a real model
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    model.train(not case.decode)
     with torch.no_grad():
         lora_a.copy_(inp.lora_a)
         lora_b.copy_(inp.lora_b[0])  # random: PEFT's zero init would be a shortcut
@@ -282,6 +308,10 @@ _OURS = {**{name: (name, None) for name in BACKENDS}, "triton-fused": ("triton",
          "triton-cublas": ("triton", "cublas")}
 
 
+# the dry run of the GPU suite sets this (with TRITON_INTERPRET=1) to time the Triton backend on CPU stand-ins
+ALLOW_INTERPRETED_TRITON = False
+
+
 def _ours(name: str):
     backend, base_gemm = _OURS[name]
 
@@ -293,21 +323,32 @@ def _ours(name: str):
         except (RuntimeError, TypeError, ValueError) as exc:
             raise Unavailable(str(exc)) from None
         meant_for = BACKEND_ROWS[backend].auto_on    # e.g. no Triton interpreter runs in a benchmark
-        if meant_for is not None and inp.x.device.type not in meant_for:
+        interpreted = backend == "triton" and ALLOW_INTERPRETED_TRITON
+        if meant_for is not None and inp.x.device.type not in meant_for and not interpreted:
             raise Unavailable(f"backend {backend!r} is benchmarked on {' or '.join(meant_for)} tensors; this suite "
                               f"runs on {inp.x.device.type}")
-        x, w, b, wr, a, bb, s = inp.x, inp.weight, inp.bias, inp.router_weight, inp.lora_a, inp.lora_b, inp.scaling
-
+        p = 0.0 if case.decode else case.dropout
+        # the drop-in module, as a model uses it (its own parameter layout), adapters in the activation dtype like
+        # every other competitor's
+        layer = ik.ILoRALinear(_shared_linear(inp.weight, inp.bias), r=case.r, num_heads=case.k,
+                               alpha=case.scaling * case.r, dropout=p, backend=backend, autocast_adapter_dtype=False)
+        layer.train(not case.decode)
+        with torch.no_grad():  # the same values as every other competitor
+            layer.router_weight.copy_(inp.router_weight)
+            layer.lora_a.copy_(inp.lora_a)
+            layer.lora_b.copy_(inp.lora_b)
+        x = inp.x
         if base_gemm is None:
             def fwd():
-                return ik.ilora_linear(x, w, b, wr, a, bb, s, backend=backend)
+                return layer(x)
         else:
             def fwd():
                 with settings.override(triton_base_gemm=base_gemm):   # read by the Triton backend at call time
-                    return ik.ilora_linear(x, w, b, wr, a, bb, s, backend=backend)
+                    return layer(x)
 
-        return Runner(fwd=fwd, grad_inputs=[x, wr, a, bb], params=[w, wr, a, bb] + ([b] if b is not None else []),
-                      dy=inp.dy, note=f"ILORA_TRITON_BASE_GEMM={base_gemm}" if base_gemm else "")
+        trainable = [layer.router_weight, layer.lora_a, layer.lora_b]
+        return Runner(fwd=fwd, grad_inputs=[x] + trainable, params=list(layer.parameters()), dy=inp.dy,
+                      note=f"ILORA_TRITON_BASE_GEMM={base_gemm}" if base_gemm else "", keep=[layer])
 
     return build
 
@@ -318,7 +359,8 @@ BUILDERS: Dict[str, Callable[[Inputs, Case], Runner]] = {
 }
 
 CPU_COMPETITORS = ("base", "crab-loop", "peft", "reference", "cpu")
-GPU_COMPETITORS = ("base", "crab-loop", "peft", "reference", "cuda", "triton-fused", "triton-cublas")
+# the GPU suite: what a user can pick (``triton`` in its default base-GEMM mode); triton-fused / -cublas on request
+GPU_COMPETITORS = ("base", "peft", "crab-loop", "reference", "triton", "cuda")
 OURS = tuple(_OURS)
 
 

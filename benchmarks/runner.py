@@ -1,5 +1,8 @@
-"""Runs benchmark cases: every case x competitor of a suite measured on the same inputs (``run_cases``), one
-competitor at a time (``measure``: fwd, bwd and fwd+bwd times, bytes saved for backward, CUDA peak memory).
+"""Runs benchmark cases: every case x competitor of a suite measured on the same inputs.
+
+``run_cases`` (the CPU suite): one competitor at a time (``measure``: fwd, bwd and fwd+bwd times, bytes saved for
+backward, CUDA peak memory). ``run_cases_interleaved`` (the GPU suite): fwd+bwd (or the decode forward) of every
+competitor timed the same way, in interleaved rounds, as host wall time and CUDA-graph replay time.
 
 An error (OOM, a failing backend) becomes an ``error`` row and the suite moves on; an error that leaves the CUDA
 context unusable marks every later row as skipped; a ``Budget`` of wall-clock seconds skips the cases past it.
@@ -10,11 +13,13 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import competitors as C
+from . import timers as T
 
 MEASURES = ("fwd", "bwd", "fwdbwd")
 
@@ -173,4 +178,223 @@ def run_cases(cases: Sequence[C.Case], competitors: Sequence[str], device: torch
         brief = " ".join(f"{r['competitor']}={r['fwdbwd_ms']:.3g}" for r in ok)
         log(f"[{i + 1}/{len(cases)}] {case.label}: {time.monotonic() - t_case:.1f} s "
             f"(total {budget.elapsed():.0f} s) fwd+bwd ms: {brief or '-'}")
+    return all_rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU suite: every competitor of a case timed the same way, interleaved
+
+
+@dataclass
+class Interleaved:
+    """How ``run_cases_interleaved`` times: ``rounds`` rounds, each timing every competitor once (the order rotated
+    per round) as host wall time of back-to-back eager calls and, where CUDA graphs can be used, as CUDA-graph replay
+    time; a measure lasts about ``target_ms``; the minimum over rounds is reported, the p80 shows the spread."""
+
+    rounds: int = 5
+    target_ms: float = 20.0
+    graphs: bool = True
+    no_graph_note: str = ""  # why graphs are off (shown in every row's graph_note)
+
+    def describe(self) -> str:
+        graphs = "CUDA-graph replay (CUDA events) and " if self.graphs else ""
+        return (f"interleaved: {self.rounds} rounds, each timing every competitor once (order rotated) as "
+                f"{graphs}host wall time of back-to-back eager calls (synchronize before and after), about "
+                f"{self.target_ms:g} ms per measure; min over rounds (p80 of the rounds for the spread)")
+
+
+def _memory(runner: C.Runner, device: torch.device, decode: bool) -> Dict:
+    """Bytes saved for backward (training) and CUDA peak allocated above what was live, for one call."""
+    out: Dict = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    if decode:
+        y = runner.infer()
+        grads = None
+    else:
+        with C.count_saved_bytes(runner.params) as saved:
+            y = runner.fwd()
+        grads = runner.bwd(y)
+        out["saved_bytes"] = saved[0]
+    if cuda:
+        torch.cuda.synchronize()
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
+    del y, grads
+    return out
+
+
+def _row_base(meta: Dict, case: C.Case, name: str, dtype: torch.dtype) -> Dict:
+    row = {**meta, "timing": "interleaved", "mode": case.mode, "shape": case.shape, "d_in": case.d_in,
+           "d_out": case.d_out, "n": case.n, "r": case.r, "k": case.k, "dropout": case.dropout, "competitor": name}
+    if case.decode:
+        row["floor_ratio"] = C.decode_byte_floor(case)
+    else:
+        floors = C.floor_ratios(case)
+        row.update(floor_fwd=floors["fwd"], floor_bwd=floors["bwd"], floor_ratio=floors["fwdbwd"],
+                   saved_budget_bytes=C.saved_budget_bytes(case, dtype))
+    return row
+
+
+def _fill_interleaved_ratios(rows: Dict[str, Dict], case: C.Case) -> None:
+    for measure in ("wall", "graph"):
+        key = f"{measure}_ms"
+        base = rows.get("base", {}).get(key)
+        peft = rows.get("peft", {}).get(key)
+        crab = rows.get("crab-loop", {}).get(key)
+        for r in rows.values():
+            t = r.get(key)
+            if t in (None, ""):
+                continue
+            if base:
+                r[f"ratio_{measure}"] = t / base
+            if peft and r["competitor"] != "peft":
+                r[f"vs_peft_{measure}"] = t / peft
+            if crab and r["competitor"] != "crab-loop":
+                r[f"vs_crab_{measure}"] = crab / t
+    for r in rows.values():
+        t = r.get("graph_ms") or r.get("wall_ms")
+        if t and not case.decode:
+            f, b = C.useful_flops(case, r["competitor"])
+            r["tflops"] = (f + b) / (t * 1e-3) / 1e12
+
+
+def run_cases_interleaved(cases: Sequence[C.Case], competitors: Sequence[str], device: torch.device,
+                          dtype: torch.dtype, timing: Interleaved, meta: Dict, budget: Budget,
+                          on_case: Callable[[List[Dict]], None],
+                          stand_in: Optional[Callable[[C.Case], C.Case]] = None,
+                          all_rows: Optional[List[Dict]] = None,
+                          skipped: Optional[Dict[str, str]] = None) -> List[Dict]:
+    """Per case: builds every competitor on the same inputs, warms each up (compilation, autotuning), records its
+    memory, captures it into a CUDA graph (training cases: x -> y -> autograd.grad; decode cases: the no-grad
+    forward), then times all of them in ``timing.rounds`` interleaved rounds. Errors become ``error`` rows (a failed
+    capture only a ``graph_note``); the competitors in ``skipped`` (name -> reason) are not run, their rows say why;
+    appends to ``all_rows`` (returned) after each case."""
+    all_rows = [] if all_rows is None else all_rows
+    skipped = skipped or {}
+    sticky: Optional[str] = None
+    cuda = device.type == "cuda"
+    for i, true_case in enumerate(cases):
+        case = stand_in(true_case) if stand_in else true_case
+        t_case = time.monotonic()
+        rows = {name: _row_base(meta, case, name, dtype) for name in competitors}
+        live: Dict[str, C.Runner] = {}
+        graphs: Dict[str, object] = {}
+        skip = None
+        if sticky is not None:
+            skip = f"skipped: CUDA context unusable after an earlier error ({sticky})"
+        elif budget.spent():
+            skip = f"skipped: time budget of {budget.seconds:g} s spent"
+        inp = None
+        if skip is None:
+            try:
+                inp = C.make_inputs(case, device, dtype, seed=i)
+            except Exception as exc:
+                skip = f"inputs: {error_text(exc)}"
+                if cuda:
+                    torch.cuda.empty_cache()
+
+        def fail(name: str, exc: BaseException) -> None:
+            nonlocal sticky
+            if isinstance(exc, Terminated):
+                rows[name]["error"] = "terminated"
+                raise exc
+            rows[name]["error"] = (f"unavailable: {exc}" if isinstance(exc, C.Unavailable) else error_text(exc))
+            live.pop(name, None)
+            if any(s in str(exc) for s in _STICKY):
+                sticky = rows[name]["error"]
+
+        try:
+            for name in competitors:
+                if skip is not None:
+                    rows[name]["error"] = skip
+                    continue
+                if sticky is not None:
+                    rows[name]["error"] = f"skipped: CUDA context unusable after an earlier error ({sticky})"
+                    continue
+                if name in skipped:
+                    rows[name]["error"] = f"skipped: {skipped[name]}"
+                    continue
+                try:
+                    runner = C.build(name, inp, case)
+                    rows[name]["note"] = runner.note
+                    fn = runner.infer if case.decode else runner.fwdbwd
+                    fn()
+                    fn()  # compilation and autotuning happen in the first call
+                    rows[name].update(_memory(runner, device, case.decode))
+                    live[name] = runner
+                except Exception as exc:  # Terminated is re-raised by fail
+                    fail(name, exc)
+            for name, runner in list(live.items()):
+                fn = runner.infer if case.decode else runner.fwdbwd
+                if not (cuda and timing.graphs):
+                    rows[name]["graph_note"] = timing.no_graph_note or "no CUDA graphs on this device"
+                    continue
+                try:
+                    graphs[name] = T.CapturedGraph(fn)
+                except Terminated:
+                    raise
+                except Exception as exc:
+                    rows[name]["graph_note"] = f"graph capture failed: {error_text(exc)}"
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception as exc2:
+                        fail(name, exc2)
+            reps: Dict[str, Tuple[int, int]] = {}
+            for name, runner in list(live.items()):
+                fn = runner.infer if case.decode else runner.fwdbwd
+                try:
+                    one = T.wall_ms_per_call(fn, 1, device)
+                    g_one = graphs[name].ms_per_replay(1) if name in graphs else one
+                    reps[name] = (T.reps_for(one, timing.target_ms), T.reps_for(g_one, timing.target_ms))
+                except Exception as exc:
+                    fail(name, exc)
+            wall: Dict[str, List[float]] = {n: [] for n in live}
+            graph: Dict[str, List[float]] = {n: [] for n in graphs}
+            names = list(live)
+            for rnd in range(timing.rounds):
+                order = names[rnd % len(names):] + names[:rnd % len(names)] if names else []
+                for name in order:
+                    if name not in live:
+                        continue
+                    fn = live[name].infer if case.decode else live[name].fwdbwd
+                    try:
+                        if name in graphs:
+                            graph[name].append(graphs[name].ms_per_replay(reps[name][1]))
+                        wall[name].append(T.wall_ms_per_call(fn, reps[name][0], device))
+                    except Exception as exc:
+                        fail(name, exc)
+            for name in live:
+                for key, values in (("wall", wall.get(name)), ("graph", graph.get(name))):
+                    if values:
+                        vals = sorted(values)
+                        rows[name][f"{key}_ms"] = vals[0]
+                        rows[name][f"{key}_p80_ms"] = T._quantile(vals, 0.8)
+                rows[name]["rounds"] = len(wall[name])
+        finally:
+            for g in graphs.values():
+                try:
+                    g.release()
+                except Exception:
+                    pass
+            graphs.clear()
+            live.clear()
+            del inp
+            gc.collect()
+            if cuda and sticky is None:
+                try:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                except Exception as exc:
+                    sticky = error_text(exc)
+            _fill_interleaved_ratios(rows, case)
+            all_rows.extend(rows.values())
+            on_case(all_rows)
+        ok = [r for r in rows.values() if r.get("wall_ms") not in (None, "")]
+        brief = " ".join(f"{r['competitor']}={r.get('graph_ms') or r['wall_ms']:.3g}" for r in ok)
+        log(f"[{i + 1}/{len(cases)}] {case.label}: {time.monotonic() - t_case:.1f} s (total {budget.elapsed():.0f} s) "
+            f"{'decode' if case.decode else 'fwd+bwd'} ms ({'graph' if cuda and timing.graphs else 'wall'}): "
+            f"{brief or '-'}")
     return all_rows

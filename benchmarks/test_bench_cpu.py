@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from benchmarks import competitors as C
+from benchmarks import readme_section, runner, timers, train_step, writers
 from benchmarks import run as R
-from benchmarks import runner, timers, train_step
 from benchmarks import suites as S
 
 ACCEPT = C.Case("accept", 1024, 2816, 1024, 16, 3)
@@ -133,19 +133,25 @@ def test_saved_bytes_counting():
 
 def test_gpu_suite_case_list_and_budget():
     cases = S.gpu_cases()
-    assert len(cases) == len(set(cases))
-    labels = [c.label for c in cases]
+    assert len(cases) == len(set(cases)) == len({c.label for c in cases})
+    first = cases[:16]  # the priority cases: Crab+ training shapes at p = 0 and 0.1, then decode
     for shape in ("qwen.q_proj", "qwen.k_proj", "qwen.gate_proj", "qwen.down_proj"):
-        assert any(label.startswith(shape) and "N=4096 r=128 K=3" in label for label in labels)
-    est, lines = S.estimate_gpu_seconds(cases, C.GPU_COMPETITORS, 10, 50)
-    assert len(lines) == len(cases) and est < 150  # ~4 minutes minus compilation, build and training step
+        for p in (0.0, 0.1):
+            assert any(c.shape == shape and (c.n, c.r, c.k, c.dropout, c.decode) == (4096, 128, 3, p, False)
+                       for c in first)
+        assert {c.n for c in cases if c.shape == shape and c.decode} == {1, 2, 4, 8, 16}
+    assert all(not c.decode for c in cases[:8]) and all(c.decode for c in cases[8:28])
+    est, lines = S.estimate_gpu_seconds(cases, C.GPU_COMPETITORS, rounds=5, target_ms=20)
+    assert len(lines) == len(cases) and est < 150  # the suite's stage in scripts/gpu_check.sh has about 170 s
     accept = [c for c in S.cpu_cases() if (c.d_in, c.d_out, c.n, c.r, c.k) == (1024, 2816, 1024, 16, 3)]
     assert accept, "the CPU suite must contain the acceptance shape"
 
 
+DRY_ONLY = r"^qwen\.(q|gate)_proj .*(N=4096 r=128 K=3( p=0\.1)?|N=(1|16) r=128 K=3 decode)$"
+
+
 def test_gpu_dry_run_writes_every_output(tmp_path, capsys):
-    rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--no-train",
-                 "--only", r"qwen\.(q|gate)_proj .*N=(16|4096) r=128"])
+    rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--no-train", "--only", DRY_ONLY])
     assert rc == 0
     files = sorted(os.listdir(tmp_path))
     stem = [f for f in files if f.endswith(".csv")][0][:-4]
@@ -153,14 +159,56 @@ def test_gpu_dry_run_writes_every_output(tmp_path, capsys):
     for suffix in (".md", "-time.png", "-ratio.png", "-memory.png"):
         assert stem + suffix in files
     rows = list(csv.DictReader(open(tmp_path / (stem + ".csv"))))
-    assert len(rows) == 4 * len(C.GPU_COMPETITORS)
+    competitors = [("cpu" if c == "cuda" else c) for c in C.GPU_COMPETITORS]   # the dry run's stand-in for cuda
+    assert len(rows) == 8 * len(competitors) and {r["competitor"] for r in rows} == set(competitors)
+    assert {r["mode"] for r in rows} == {"train", "decode"} and {r["dropout"] for r in rows} == {"0.0", "0.1"}
     for r in rows:
-        if r["competitor"] in ("base", "crab-loop", "reference"):
-            assert r["error"] == "" and float(r["fwdbwd_ms"]) > 0 and r["saved_bytes"] != ""
-        if r["competitor"] in ("triton-fused", "triton-cublas", "cuda"):
-            assert r["error"].startswith("unavailable") or r["fwdbwd_ms"]
-    assert any(float(r["speedup_vs_crab"] or 0) > 0 for r in rows)
-    assert "estimated GPU suite time" in capsys.readouterr().out
+        assert r["timing"] == "interleaved" and r["graph_ms"] == ""            # no CUDA graphs on CPU
+        if r["competitor"] in ("base", "crab-loop", "reference", "peft", "cpu"):
+            assert r["error"] == "", r["error"]
+            assert float(r["wall_ms"]) > 0 and r["graph_note"].startswith("graph capture skipped")
+            assert float(r["ratio_wall"]) > 0
+            assert (r["saved_bytes"] != "") == (r["mode"] == "train")
+        if r["competitor"] == "triton":  # TRITON_INTERPRET is not set in this process
+            assert r["error"].startswith("unavailable") or r["wall_ms"]
+    assert any(float(r["vs_crab_wall"] or 0) > 0 for r in rows)
+    assert all(float(r["floor_ratio"]) > 1 for r in rows)
+    out = capsys.readouterr().out
+    assert "estimated GPU suite time" in out and "decode" in out
+    md = (tmp_path / (stem + ".md")).read_text()
+    assert "(forward, no grad)" in md and "(fwd+bwd)" in md and "every competitor is timed the same way" in md
+    section = "\n".join(readme_section.section_for(str(tmp_path / (stem + ".csv"))))
+    assert "ms as CUDA graph / eager wall" in section and "decode (forward, no grad)" in section
+
+
+def test_skipped_competitor_keeps_its_rows(tmp_path):
+    rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--no-train", "--competitors", "base,cuda",
+                 "--skip", "cuda=broke the context earlier", "--only", r"^qwen\.k_proj .*N=1 r=128 K=3 decode$"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(next(tmp_path.glob("*.csv")))))
+    by = {r["competitor"]: r for r in rows}
+    assert by["cpu"]["error"] == "skipped: broke the context earlier" and float(by["base"]["wall_ms"]) > 0
+
+
+def test_interleaved_rows_and_ratios():
+    """run_cases_interleaved on CPU: every competitor timed in every round, ratios against base, PEFT and Crab."""
+    cases = [C.Case("t", 32, 48, 8, 4, 3, dropout=0.1), C.Case("t", 32, 48, 2, 4, 3, decode=True)]
+    timing = runner.Interleaved(rounds=3, target_ms=0.5, graphs=False, no_graph_note="cpu")
+    rows = runner.run_cases_interleaved(cases, ["base", "peft", "crab-loop", "reference"], torch.device("cpu"),
+                                        torch.float32, timing, {"suite": "t"}, runner.Budget(None), lambda rows: None)
+    assert len(rows) == 8
+    for r in rows:
+        assert not r.get("error"), r.get("error")
+        assert r["rounds"] == 3 and r["wall_ms"] > 0 and r["wall_p80_ms"] >= r["wall_ms"]
+        assert r["graph_note"] == "cpu" and "graph_ms" not in r
+    base = [r for r in rows if r["competitor"] == "base"]
+    assert all(r["ratio_wall"] == 1.0 for r in base)
+    ref = next(r for r in rows if r["competitor"] == "reference" and r["mode"] == "train")
+    assert ref["vs_peft_wall"] > 0 and ref["vs_crab_wall"] > 0 and ref["saved_bytes"] > 0
+    dec = next(r for r in rows if r["competitor"] == "reference" and r["mode"] == "decode")
+    assert dec["floor_ratio"] == pytest.approx(C.decode_byte_floor(cases[1])) and "saved_bytes" not in dec
+    text = writers.short_table(rows, ["base", "peft", "crab-loop", "reference"])
+    assert "decode" in text and "p=0.1" in text
 
 
 def test_without_matplotlib_the_run_says_it_skipped_the_plots(tmp_path, capsys, monkeypatch):
@@ -169,7 +217,7 @@ def test_without_matplotlib_the_run_says_it_skipped_the_plots(tmp_path, capsys, 
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if matplotlib were not installed
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--no-train", "--competitors", "base",
-                 "--only", r"qwen\.q_proj .*N=16 r=128"])
+                 "--only", r"^qwen\.q_proj .*N=(1|16) r=128 K=3 decode$"])
     assert rc == 0
     files = sorted(os.listdir(tmp_path))
     assert not [f for f in files if f.endswith(".png")]
@@ -204,3 +252,142 @@ def test_training_step_tiny():
     for r in rows:
         assert not r.get("error"), r.get("error")
         assert r["tokens_per_s"] > 0 and math.isfinite(r["fwdbwd_ms"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages of scripts/gpu_check.sh, each in its dry run (a subprocess: the Triton interpreter must be switched on
+# before triton is imported, and this process imported it already)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start_stage(module: str, *args: str):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", "--dry-run", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_check_work(tmp_path_factory):
+    """One dry run of every stage module into one work folder, as scripts/gpu_check.sh lays it out (concurrently)."""
+    work = tmp_path_factory.mktemp("gpu-check")
+    procs = {
+        "ceilings": _start_stage("gpu_ceilings", "--out-md", str(work / "ceilings.md"),
+                                 "--out-json", str(work / "ceilings.json")),
+        "correctness": _start_stage("gpu_correctness", "--backends", "reference,triton,cuda", "--shapes", "odd",
+                                    "--out-md", str(work / "correctness-a.md"),
+                                    "--out-json", str(work / "correctness-a.json")),
+        "sweep": _start_stage("gpu_sweep", "--out-md", str(work / "sweep.md"), "--out-json", str(work / "sweep.json")),
+        "profile": _start_stage("gpu_profile", "--competitors", "base,triton,cuda", "--dropouts", "0",
+                                "--out-txt", str(work / "profile.txt"), "--out-json", str(work / "profile.json")),
+    }
+    outputs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {out[-2000:]}{err[-4000:]}"
+        outputs[name] = out
+    return work, outputs
+
+
+def test_ceilings_dry_run_table(gpu_check_work):
+    work, out = gpu_check_work
+    import json
+
+    data = json.loads((work / "ceilings.json").read_text())
+    assert data["dry_run"] and data["gemm_tflops"] > 0 and data["copy_tbps"] > 0
+    assert "| probe |" in (work / "ceilings.md").read_text() and "TB/s" in out["ceilings"]
+
+
+def test_correctness_dry_run_table(gpu_check_work):
+    work, out = gpu_check_work
+    import json
+
+    rows = json.loads((work / "correctness-a.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"reference", "triton", "cpu"}   # cpu stands in for cuda
+    assert {(r["dtype"], r["p"]) for r in rows} == {(d, p) for d in ("bfloat16", "float16", "float32")
+                                                   for p in (0.0, 0.1)}
+    for r in rows:
+        if r["backend"] == "triton" and r["dtype"] == "bfloat16":
+            assert r["status"].startswith("unavailable")   # refused under the interpreter
+        else:
+            assert r["status"] == "PASS", r
+            assert set(r["errors"]) == {"y", "g", "dx", "d_router_weight", "d_lora_a", "d_lora_b"}
+    assert all(r["poison"] == "triton _empty hook" for r in rows if r["backend"] == "triton" and "poison" in r)
+    md = (work / "correctness-a.md").read_text()
+    assert "| shape | dims | dtype |" in md and "PyTorch's own error" in md
+    assert "PASS" in out["correctness"]
+
+
+def test_correctness_catches_unwritten_outputs(monkeypatch):
+    """A backend whose output keeps the poison (NaN) fails its row, naming the output."""
+    from benchmarks import gpu_common as G
+    from benchmarks import gpu_correctness as GC
+
+    foc, f64 = GC._helpers()
+    real = foc.run_layer
+
+    def leaky(*args, **kwargs):
+        y, g, grads = real(*args, **kwargs)
+        grads[4][0, 0] = float("nan")                  # d lora_a left partly unwritten
+        return y, g, grads
+
+    monkeypatch.setattr(foc, "run_layer", leaky)
+    rows = GC.check_case(foc, f64, torch.device("cpu"), GC.DRY_SHAPES[0], torch.float32, 0.1, ["reference"], 3,
+                         G.Deadline(None))
+    assert rows[0]["status"] == "FAIL: d_lora_a non-finite"
+
+
+def test_sweep_dry_run_table(gpu_check_work):
+    work, out = gpu_check_work
+    import json
+
+    data = json.loads((work / "sweep.json").read_text())
+    assert data["error"] is None
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert kernels == {"_base_expand_kernel", "cublas", "_shrink_route_kernel"}
+    tuned = [r for r in data["rows"] if r["kernel"] == "_base_expand_kernel"]
+    assert len(tuned) >= 2 and all(r["ms"] > 0 and r["max_rel_err"] < 1e-4 for r in tuned)
+    assert "### base + expand GEMM" in out["sweep"] and "### shrink-route" in out["sweep"]
+
+
+def test_profile_dry_run_table(gpu_check_work):
+    work, out = gpu_check_work
+    text = (work / "profile.txt").read_text()
+    for name in ("base", "triton", "cpu"):
+        assert f"== {name} (" in text
+    assert "aten::mm" in text and "busy" in text
+
+
+def test_summary_reads_every_stage(gpu_check_work, tmp_path):
+    from benchmarks import gpu_summary
+
+    work, _ = gpu_check_work
+    (work / "stages.tsv").write_text("ceilings\tok\t3\t30\tceilings.log\n"
+                                     "pytest cuda\tTIMEOUT\t45\t45\tpytest-cuda.log\n")
+    (work / "pytest-cuda.log").write_text("tests/test_cuda_backend.py::test_a PASSED [ 50%]\n")
+    rc = R.main(["--suite", "gpu", "--dry-run", "--out", str(tmp_path), "--stem", "stem", "--no-train",
+                 "--competitors", "base,reference", "--only", r"^qwen\.k_proj .*N=1 r=128 K=3 decode$"])
+    assert rc == 0
+    lines = gpu_summary.build_summary(str(work), str(tmp_path / "stem.csv"), str(tmp_path / "correctness.md"),
+                                      ["summary.txt"], 12.0, 545.0, dry_run=True)
+    text = "\n".join(lines)
+    for piece in ("GPU CHECK SUMMARY (DRY RUN", "pytest cuda  TIMEOUT", "ceilings: GEMM", "correctness vs float64",
+                  "pytest cuda: no result line", "so far: 1 passed", "timings (", "qwen.k_proj", "tile sweep",
+                  "profile (one fwd+bwd", "returned files (1)"):
+        assert piece in text, piece
+    assert "| shape | dims |" in (tmp_path / "correctness.md").read_text()
+
+
+def test_gpu_check_script_returns_at_most_8_files():
+    import re
+    import subprocess
+
+    script = os.path.join(REPO, "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    returned = re.search(r"RETURNED=\(([^)]*)\)", text, re.S).group(1).split()
+    assert len(returned) <= 8 and "summary.txt" in returned and "logs.tar.gz" in returned
+    assert "set -uo pipefail" in text and "MAX_RETURNED=8" in text

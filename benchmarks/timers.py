@@ -1,7 +1,10 @@
-"""Timers of the benchmarks: each is called with a function and returns (median, p20, p80) in ms.
+"""Timers of the benchmarks.
 
-``CpuTimer``: ``time.perf_counter`` around each call. ``GpuTimer``: ``triton.testing.do_bench`` (L2 flushed before
-every timed call), CUDA events as the fallback.
+``CpuTimer`` (the CPU suite's per-measure timer), called with a function, returns (median, p20, p80) in ms of
+``time.perf_counter`` around each call.
+
+The GPU suite's interleaved timing (``runner.run_cases_interleaved``) uses ``wall_ms_per_call`` (host wall time of
+back-to-back eager calls) and ``CapturedGraph`` (CUDA-graph replay time), the same for every competitor.
 """
 
 from __future__ import annotations
@@ -45,49 +48,59 @@ class CpuTimer:
         return statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8)
 
 
-class GpuTimer:
-    """triton.testing.do_bench (L2 flushed before every timed call, median and p20/p80); CUDA events as fallback."""
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU suite's timers: every competitor timed the same way, host wall time (eager) and CUDA-graph replay
 
-    def __init__(self, warmup_ms: float = 10, rep_ms: float = 50):
-        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        try:
-            from triton.testing import do_bench
 
-            self._do_bench = do_bench
-            self.name = f"triton.testing.do_bench(warmup={warmup_ms:g} ms, rep={rep_ms:g} ms), median, p20/p80"
-        except Exception as exc:  # no triton: an equivalent event timer
-            self._do_bench = None
-            self.name = f"CUDA events with L2 flush (triton unavailable: {exc!r})"
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __call__(self, fn: Callable) -> Tuple[float, float, float]:
-        if self._do_bench is not None:
-            med, p20, p80 = self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8],
-                                           return_mode="median")
-            return med, p20, p80
-        return self._events(fn)
 
-    def _events(self, fn: Callable) -> Tuple[float, float, float]:
-        flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+def wall_ms_per_call(fn: Callable, reps: int, device: torch.device) -> float:
+    """Host wall time of ``reps`` back-to-back eager calls (one synchronize before and after), in ms per call:
+    what an eager training loop pays, launch overhead included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
         fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+class CapturedGraph:
+    """``fn`` captured once into a CUDA graph (after warm-up calls on a side stream, as torch's documentation does
+    it); ``ms_per_replay(reps)`` times back-to-back replays with CUDA events: the GPU time without host overhead.
+    Raises whatever the capture raises (e.g. a synchronizing op inside ``fn``)."""
+
+    def __init__(self, fn: Callable, warmup: int = 2):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(5):
-            flush.zero_()
-            fn()
-        e.record()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn()  # kept: the graph's outputs live in its private pool
         torch.cuda.synchronize()
-        est = max(s.elapsed_time(e) / 5, 1e-3)
-        for _ in range(max(1, int(self.warmup_ms / est))):
-            fn()
-        samples = []
-        for _ in range(max(1, int(self.rep_ms / est))):
-            flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            samples.append(s.elapsed_time(e))
-        samples.sort()
-        return statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8)
+
+    def ms_per_replay(self, reps: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.graph.replay()  # the first replay of a round may pay for uploading the graph
+        start.record()
+        for _ in range(reps):
+            self.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+    def release(self) -> None:
+        self.output = None
+        self.graph.reset()
+
+
+def reps_for(ms_per_call: float, target_ms: float, lo: int = 3, hi: int = 200) -> int:
+    """Repetitions that make one timed measure last about ``target_ms``."""
+    return int(min(hi, max(lo, math.ceil(target_ms / max(ms_per_call, 1e-3)))))

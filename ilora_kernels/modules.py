@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from ._validation import validate_hyperparameters
 from .functional import ilora_linear
 from .ops.contract import router_dtype
-from .ops.layout import new_packed_parameters, repack_
+from .ops.layout import heads_packed, new_packed_parameters, repack_
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -62,20 +63,32 @@ class ILoRALinear(nn.Module):
         self.router_weight, self.lora_a, self.lora_b = new_packed_parameters(
             num_heads, r, self.in_features, self.out_features, **factory)
         self.reset_parameters()
+        self.packed_heads = True
+        self._engine_checked = False
         self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def set_packed_heads(self, packed: bool) -> None:
+        """Keeps lora_b in the packed layout (True, the default: B_cat is a view) or contiguous (False: every call
+        then copies B_cat, as for any unpacked tensor). Take False before handing a model to FSDP: FSDP2
+        (``fully_shard``) refuses non-contiguous parameters, and FSDP1 (``FullyShardedDataParallel``) keeps them but
+        restored their optimizer state wrongly on resume in our tests. DeepSpeed and DDP need nothing (DeepSpeed
+        moves every parameter into its own contiguous buffer). ``ilora_kernels.patching.set_packed_heads(model,
+        False)`` does it for every layer; the Crab+ trainer does it under FSDP."""
+        self.packed_heads = bool(packed)
+        repack_(self.router_weight, self.lora_a, self.lora_b, heads=self.packed_heads)
 
     def _apply(self, fn, recurse=True):
         # Module.to() / .half() / .cuda() give every parameter its own new allocation: put them back in the
         # packed layout
         module = super()._apply(fn, recurse)
-        repack_(self.router_weight, self.lora_a, self.lora_b)
+        repack_(self.router_weight, self.lora_a, self.lora_b, heads=self.packed_heads)
         return module
 
     def __setstate__(self, state):
         # copy.deepcopy and unpickling clone every parameter on its own
         super().__setstate__(state)
         if "_parameters" in state:
-            repack_(self.router_weight, self.lora_a, self.lora_b)
+            repack_(self.router_weight, self.lora_a, self.lora_b, heads=getattr(self, "packed_heads", True))
 
     def reset_parameters(self) -> None:
         """Crab+ initialisation: A and W_r kaiming_uniform(a=sqrt(5)), every B_k zero."""
@@ -95,6 +108,9 @@ class ILoRALinear(nn.Module):
                 return_router_weights: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """x (..., d_in) -> y (..., d_out); with return_router_weights also g (..., K) float32 (float64 for
         float64 inputs)."""
+        if self.training and not self._engine_checked and not torch.compiler.is_compiling():
+            self._engine_checked = True
+            _warn_if_strided_in_foreign_buffer(self.lora_b)
         if self.disable_adapter:
             y = self.base_layer(x)
             if return_router_weights:
@@ -112,4 +128,16 @@ class ILoRALinear(nn.Module):
 
 def _repack_after_load(module: "ILoRALinear", incompatible_keys) -> None:
     """``load_state_dict(assign=True)`` replaces the parameters by the loaded tensors: repack them."""
-    repack_(module.router_weight, module.lora_a, module.lora_b)
+    repack_(module.router_weight, module.lora_a, module.lora_b, heads=module.packed_heads)
+
+
+def _warn_if_strided_in_foreign_buffer(lora_b: torch.Tensor) -> None:
+    """A packed (strided) lora_b that no longer owns its storage lives in an engine's flat buffer with its strides
+    kept: FSDP1 with ``use_orig_params=True``, whose resume of such a parameter's optimizer state we found wrong."""
+    if (not lora_b.is_contiguous() and heads_packed(lora_b)
+            and lora_b.untyped_storage().nbytes() > lora_b.numel() * lora_b.element_size()):
+        warnings.warn("ILoRALinear: lora_b is a non-contiguous parameter inside another module's flat buffer "
+                      "(FSDP1 with use_orig_params=True?). FSDP1 restores the optimizer state of non-contiguous "
+                      "parameters wrongly when resuming from a checkpoint: call "
+                      "ilora_kernels.patching.set_packed_heads(model, False) before wrapping the model",
+                      RuntimeWarning, stacklevel=3)

@@ -153,3 +153,13 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> List[str]:
     for layer in layers.values():
         layer.disable_adapter = not enabled
     return list(layers)
+
+
+def set_packed_heads(model: nn.Module, packed: bool) -> List[str]:
+    """``ILoRALinear.set_packed_heads(packed)`` on every I-LoRA layer; returns the layer names. ``False`` before
+    FSDP (``fully_shard`` refuses non-contiguous parameters; FSDP1 resumed their optimizer state wrongly in our
+    tests)."""
+    layers = ilora_layers(model)
+    for layer in layers.values():
+        layer.set_packed_heads(packed)
+    return list(layers)

@@ -97,7 +97,7 @@ from .adapters import (  # noqa: E402
 )
 from .config import ILoRAConfig  # noqa: E402
 from .functional import ilora_linear  # noqa: E402
-from .ops.layout import concat_heads, head_list_view, pack_head_list_, pack_shrink_  # noqa: E402
+from .ops.layout import concat_heads, pack_shrink_  # noqa: E402
 from .ops.reference import routed_activations, router_probabilities  # noqa: E402
 from .patching import apply_ilora, get_ilora_config, ilora_layers, remove_ilora  # noqa: E402
 
@@ -168,19 +168,6 @@ class ILoRAPeftConfig(LoraConfig):
                              "kaiming-uniform, every B_k zero) or False (B_k random too), got "
                              f"{self.init_lora_weights!r}")
         self._register_custom_module({nn.Linear: ILoRAPeftLinear})
-
-
-class _HeadsView(torch.autograd.Function):
-    """lora_b (K, d_out, r) as a view of the K packed (d_out, r) head parameters' shared buffer
-    (``ops/layout.head_list_view``), differentiable in every head: the gradient of head k is slice k of lora_b's."""
-
-    @staticmethod
-    def forward(ctx, *heads):
-        return head_list_view(heads)
-
-    @staticmethod
-    def backward(ctx, d_lora_b):
-        return tuple(d_lora_b.unbind(0))
 
 
 class ILoRAPeftLinear(nn.Module, LoraLayer):
@@ -257,11 +244,11 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         return [self._head_dict(i)[adapter_name].weight for i in range(self.num_heads[adapter_name])]
 
     def pack_adapter(self, adapter_name: str) -> None:
-        """Puts one adapter's parameters in the packed layout of ``ops/layout.py`` (lora_route and lora_A rows of
-        one buffer, the heads slices of one (d_out, K, r) buffer) so that the kernels copy none of them per call;
-        parameters that live in another buffer (FSDP, DeepSpeed) are left as they are."""
+        """Puts one adapter's lora_route and lora_A in one (K + r, d_in) buffer (``ops/layout.py``), so that the
+        kernels' [W_r; A] is a view; parameters that live in another buffer (FSDP, DeepSpeed) are left as they are.
+        The heads stay separate contiguous parameters (every distributed engine takes them; strided slices of one
+        buffer are refused by FSDP2): lora_b is stacked per call."""
         pack_shrink_(self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight)
-        pack_head_list_(self._heads(adapter_name))
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
@@ -275,14 +262,9 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         return module
 
     def adapter_tensors(self, adapter_name: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router_weight (K, d_in), lora_a (r, d_in), lora_b (K, d_out, r)) of one adapter: lora_b is a view of the
-        heads' buffer when they are packed (gradients flow back to every head), else stacked (a copy)."""
-        heads = self._heads(adapter_name)
-        if head_list_view(heads) is not None:
-            lora_b = _HeadsView.apply(*heads)
-        else:
-            lora_b = torch.stack(heads)
-        return self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight, lora_b
+        """(router_weight (K, d_in), lora_a (r, d_in), lora_b (K, d_out, r)) of one adapter (lora_b is stacked)."""
+        return self.lora_route[adapter_name].weight, self.lora_A[adapter_name].weight, torch.stack(
+            self._heads(adapter_name))
 
     # merging is impossible: the routing weights depend on every input token
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Callable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["Settings", "VARIABLES", "describe", "get", "override", "reload"]
 
@@ -34,6 +34,7 @@ class Settings:
 
     triton_base_gemm: str = "auto"
     triton_fused_v: Optional[bool] = None      # None: the backend's default (on under the interpreter, off on CUDA)
+    triton_shrink_split: Union[str, int] = "auto"   # "auto" or a positive int: the d_in split of the shrink-route
     deterministic: bool = False
     eager_fast_path: bool = True
     allow_untested_peft: bool = False
@@ -56,10 +57,24 @@ def _base_gemm(variable: str, text: str) -> str:
     return low
 
 
+def _split(variable: str, text: str) -> Union[str, int]:
+    low = text.lower()
+    if low == "auto":
+        return low
+    try:
+        value = int(low)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{variable} must be 'auto' or a positive integer (the number of d_in chunks), got {text!r}")
+    return value
+
+
 # (environment variable, Settings field, parser of a non-empty value)
 VARIABLES: Tuple[Tuple[str, str, Callable[[str, str], object]], ...] = (
     ("ILORA_TRITON_BASE_GEMM", "triton_base_gemm", _base_gemm),
     ("ILORA_TRITON_FUSED_V", "triton_fused_v", _boolean),
+    ("ILORA_TRITON_SHRINK_SPLIT", "triton_shrink_split", _split),
     ("ILORA_DETERMINISTIC", "deterministic", _boolean),
     ("ILORA_EAGER_FAST_PATH", "eager_fast_path", _boolean),
     ("ILORA_ALLOW_UNTESTED_PEFT", "allow_untested_peft", _boolean),

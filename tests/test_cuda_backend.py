@@ -17,6 +17,7 @@ from fused_op_checks import (
     check_non_contiguous_inputs,
     check_opcheck,
     check_outputs_fully_written,
+    check_packed_layout,
     check_zero_tokens,
     float64_grads,
     make_inputs,
@@ -91,6 +92,12 @@ def test_raw_ops_all_masks(dtype, p, top_k):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_non_contiguous_inputs(p):
     check_non_contiguous_inputs(OPS, p, device="cuda")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
+def test_packed_layout(p, dtype):
+    check_packed_layout(OPS.fused_forward, OPS.fused_backward, dtype, p, n=33, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])

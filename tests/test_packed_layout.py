@@ -197,59 +197,77 @@ def test_mixed_precision_casts_each_buffer_once(base_dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PEFT's I-LoRA layers: one (d_out, r) parameter per head, packed as slices of one buffer
+# PEFT's I-LoRA layers: lora_route and lora_A packed; the heads stay separate contiguous parameters
 
 def _peft_layer(tmp_path=None, low_cpu_mem_usage=False):
     peft = pytest.importorskip("peft")
     from ilora_kernels import peft_integration as pi
 
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(D_IN, D_OUT))
     config = pi.ILoRAPeftConfig(r=R, lora_alpha=16, ilora_num_heads=K, target_modules=["0"], lora_dropout=0.0,
                                 init_lora_weights=False, ilora_backend="cpu")
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(D_IN, D_OUT)), config)
     if tmp_path is not None:
         model.save_pretrained(tmp_path)
-        fresh = nn.Sequential(nn.Linear(D_IN, D_OUT))
-        fresh.load_state_dict(base.base_model.model.state_dict() if hasattr(base, "base_model") else {}, strict=False)
-        model = peft.PeftModel.from_pretrained(fresh, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage,
-                                               is_trainable=True)
+        model = peft.PeftModel.from_pretrained(nn.Sequential(nn.Linear(D_IN, D_OUT)), tmp_path,
+                                               low_cpu_mem_usage=low_cpu_mem_usage, is_trainable=True)
     layer = next(m for m in model.modules() if isinstance(m, pi.ILoRAPeftLinear))
     return model, layer
 
 
-def _peft_packed(layer) -> bool:
-    from ilora_kernels.ops.layout import head_list_view
-    return (shrink_packed(layer.lora_route["default"].weight, layer.lora_A["default"].weight)
-            and head_list_view(layer._heads("default")) is not None)
-
-
 @pytest.mark.parametrize("reload", [None, False, True], ids=["fresh", "from_pretrained", "low_cpu_mem_usage"])
-def test_peft_layer_is_packed(reload, tmp_path):
+def test_peft_layer_packs_route_and_a(reload, tmp_path):
     model, layer = _peft_layer(None if reload is None else tmp_path, bool(reload))
-    assert _peft_packed(layer)
+    assert shrink_packed(layer.lora_route["default"].weight, layer.lora_A["default"].weight)
+    assert all(h.is_contiguous() for h in layer._heads("default"))
     model.to(torch.float64)
-    assert _peft_packed(layer)
+    assert shrink_packed(layer.lora_route["default"].weight, layer.lora_A["default"].weight)
 
 
-def test_peft_layer_gradients_reach_every_head_without_copies():
-    model, layer = _peft_layer()
-    x = torch.randn(40, D_IN)
-    heads = layer._heads("default")
-    stacked = torch.stack([h.detach() for h in heads]).requires_grad_()
-    want = ik.ilora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_route["default"].weight,
-                           layer.lora_A["default"].weight, stacked, layer.scaling["default"], backend="reference")
-    want.square().sum().backward()
-    # no copy in the forward; in the backward, besides the C++ backend's gradient split, autograd gives each head
-    # slice (a non-dense (d_out, r) view) a contiguous gradient: one B-sized copy in all (without packing: a stack
-    # in the forward, the d_lora_b permute and the [W_r; A] concatenations)
-    copies = weight_copies(layer, x, True)
-    assert copies == sorted(GRAD_SPLIT + [("aten::clone", (D_OUT, R))] * K, key=str), copies
-    model.zero_grad()
-    model(x).square().sum().backward()
-    for k, head in enumerate(heads):
-        torch.testing.assert_close(head.grad, stacked.grad[k], rtol=1e-5, atol=1e-6)
-    assert _peft_packed(layer)
+def test_peft_layer_copies_only_the_heads():
+    """No [W_r; A] concatenation; the heads cost what unpacked heads cost: the stack, B_cat in the forward and in
+    the backward, and the permute of d_lora_b."""
+    _, layer = _peft_layer()
+    copies = weight_copies(layer, torch.randn(40, D_IN), True)
+    heads = [("aten::cat", "list"), ("aten::clone", (D_OUT, K, R)), ("aten::clone", (D_OUT, K, R)),
+             ("aten::contiguous", (K, D_OUT, R))]
+    assert copies == sorted(GRAD_SPLIT + heads, key=str), copies
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed engines
+
+
+def test_set_packed_heads_makes_lora_b_contiguous_and_back():
+    from ilora_kernels.patching import set_packed_heads
+
+    model = nn.Sequential(layer())
+    values = model[0].lora_b.detach().clone()
+    assert set_packed_heads(model, False) == ["0"]
+    assert model[0].lora_b.is_contiguous() and torch.equal(model[0].lora_b, values)
+    model.double()                                   # stays contiguous through Module.to
+    assert model[0].lora_b.is_contiguous() and shrink_packed(model[0].router_weight, model[0].lora_a)
+    x = torch.randn(6, D_IN, dtype=torch.float64)
+    model(x).sum().backward()
+    assert model[0].lora_b.grad.is_contiguous()
+    set_packed_heads(model, True)
+    assert heads_packed(model[0].lora_b) and torch.equal(model[0].lora_b, values.double())
+
+
+def test_a_strided_lora_b_inside_a_flat_buffer_warns_once():
+    """What FSDP1 with use_orig_params=True leaves (a strided view into its flat parameter) gets a warning."""
+    mod = layer()
+    flat = torch.zeros(2 * K * D_OUT * R)
+    view = flat[:K * D_OUT * R].view(D_OUT, K, R).permute(1, 0, 2)
+    view.copy_(mod.lora_b.detach())
+    mod.lora_b.data = view
+    with pytest.warns(RuntimeWarning, match="set_packed_heads"):
+        mod(torch.randn(3, D_IN))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(torch.randn(3, D_IN))
+        layer()(torch.randn(3, D_IN))                # an ordinary packed layer does not warn
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

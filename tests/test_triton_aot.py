@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 
 from ilora_kernels.ops import triton_aot  # noqa: E402
 
-KERNELS = {"_shrink_route_kernel", "_base_expand_kernel", "_expand_backward_kernel", "_shrink_backward_kernel",
-           "_dx_kernel"}
+KERNELS = {"_shrink_route_kernel", "_shrink_route_partial_kernel", "_route_reduce_kernel", "_base_expand_kernel",
+           "_expand_backward_kernel", "_shrink_backward_kernel", "_dx_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,17 @@ def test_launches_pass_every_kernel_argument():
     from ilora_kernels.ops import triton_ilora
 
     seen = set()
+    splits = set()
     for launch in triton_aot.crab_launches(triton_ilora, [torch.bfloat16], sms=132):
+        if launch.kernel == "_route_reduce_kernel":
+            splits.add((launch.where, launch.args["SPLIT"]))
         kernel = getattr(triton_ilora, launch.kernel)
         names = set(launch.args) | set(launch.options)
         assert set(kernel.arg_names) <= names and names - set(kernel.arg_names) <= {"num_warps", "num_stages"}, \
             launch.kernel
         seen.add(launch.kernel)
     assert seen == KERNELS
+    # the split shrink-route at every Crab+ shape with N = 4096, with the SPLIT the auto rule picks on an H100
+    assert {split for _, split in splits} == {4}
+    assert {where.split()[0] for where, _ in splits} == {name for name, *_ in triton_aot.CRAB_SHAPES}
+    assert all(where.endswith("N=4096") for where, _ in splits)

@@ -286,13 +286,183 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the split shrink-route (ILORA_TRITON_SHRINK_SPLIT): d_in partials on a (token blocks, SPLIT) grid, then the reduce
+# + routing kernel. Under the interpreter BLOCK_D = 32, so d_in = 97 is 3 full blocks and one of a single column.
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel and records the grid of every ``kernel[grid](...)`` launch."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _poison(monkeypatch):
+    monkeypatch.setattr(T, "_empty", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+def _spy(monkeypatch):
+    spies = {name: _LaunchSpy(getattr(T, name)) for name in ("_shrink_route_kernel", "_shrink_route_partial_kernel",
+                                                             "_route_reduce_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(T, name, spy)
+    return spies
+
+
+SPLIT_CASES = [  # (N, d_in, d_out, K, r, top_k, dropout_p, routing)
+    (33, 97, 19, 3, 8, None, 0.0, "one_head"),
+    (33, 97, 19, 3, 8, 2, 0.3, "skewed"),
+    (7, 97, 70, 5, 32, 1, 0.3, "uniform"),
+    (40, 97, 19, 3, 16, None, 0.3, "uniform"),
+    (33, 200, 21, 5, 8, 2, 0.0, "random"),
+    (17, 97, 3, 1, 1, None, 0.3, "one_head"),
+]
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_split_shrink_route_matches_float64(case, dtype, split, ilora_env, monkeypatch):
+    """Forced SPLIT through ilora_linear (forward + every gradient) against float64, every buffer NaN-poisoned."""
+    n, d_in, d_out, k, r, top_k, p, routing = case
+    ilora_env(ILORA_TRITON_SHRINK_SPLIT=str(split))
+    _poison(monkeypatch)
+    spies = _spy(monkeypatch)
+    inputs = make_inputs(n, d_in, d_out, k, r, routing, dtype, device=DEVICE)
+    torch.manual_seed(11)
+    seed = functional._draw_seed() if p else 0
+
+    def run(x, w, b, wr, a, bb):
+        torch.manual_seed(11)
+        return ik.ilora_linear(x, w, b, wr, a, bb, 1.7, dropout_p=p, training=True, top_k=top_k,
+                               backend="triton", return_router_weights=True)
+
+    check_against_oracle(inputs, 1.7, p, seed, top_k, run, dtype, dg=True)
+    assert not spies["_shrink_route_kernel"].grids
+    tile = T._shrink_route_tile(16, True)
+    assert spies["_shrink_route_partial_kernel"].grids == [(-(-n // tile["BLOCK_M"]), split)]   # (token blocks, SPLIT)
+    assert len(spies["_route_reduce_kernel"].grids) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p,top_k", [(0.0, 0), (0.3, 2), (0.3, 1), (0.25, 0)])
+def test_split_matches_single_kernel(dtype, p, top_k, ilora_env, monkeypatch):
+    """SPLIT = 1 (the single kernel) and SPLIT = 2, 3, 4, 7, 10 (and 64, capped at the 10 blocks of d_in) agree
+    within fp32 rounding on h, g, u (through y), and each matches float64; outputs and the workspace NaN-poisoned."""
+    n, d_in, d_out, k, r = 70, 300, 23, 4, 16
+    inputs = make_inputs(n, d_in, d_out, k, r, "random", dtype, device=DEVICE)
+    _poison(monkeypatch)
+    spies = _spy(monkeypatch)
+    outs = {}
+    for split in (1, 2, 3, 4, 7, 10, 64):
+        ilora_env(ILORA_TRITON_SHRINK_SPLIT=str(split))
+        outs[split] = torch.ops.ilora_kernels.triton_forward(*inputs, 1.3, p, 99, top_k)
+    assert len(spies["_shrink_route_kernel"].grids) == 1
+    assert [grid[1] for grid in spies["_shrink_route_partial_kernel"].grids] == [2, 3, 4, 7, 10, 10]
+    y_o, g_o, h_o = ilora_float64(*[None if t is None else t.double() for t in inputs], 1.3, p, 99, top_k or None,
+                                  with_h=True)
+    y1, h1, g1 = outs[1]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for split, (y, h, g) in outs.items():
+        assert torch.isfinite(y).all() and torch.isfinite(h).all() and torch.isfinite(g).all(), split
+        torch.testing.assert_close(g, g1, rtol=1e-5, atol=1e-6)               # fp32 softmax of fp32 sums
+        if dtype == torch.float32:
+            torch.testing.assert_close(h, h1, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, y1, rtol=1e-5, atol=1e-5)
+        else:   # one fp16 rounding of h may differ by an ulp
+            assert rel_err(h, h1) < 2 * torch.finfo(dtype).eps and rel_err(y, y1) < 4 * torch.finfo(dtype).eps
+        assert rel_err(h, h_o) < tol and rel_err(g, g_o) < tol and rel_err(y, y_o) < tol, split
+
+
+def test_split_is_deterministic(ilora_env):
+    """A fixed summation order: two runs with the same SPLIT give bitwise equal h, g, y."""
+    ilora_env(ILORA_TRITON_SHRINK_SPLIT="3")
+    inputs = make_inputs(40, 200, 19, 3, 8, "skewed", torch.float32, device=DEVICE)
+    a = torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.3, 5, 2)
+    b = torch.ops.ilora_kernels.triton_forward(*inputs, 1.0, 0.3, 5, 2)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # numpy's inf - inf inside the interpreter
+@pytest.mark.parametrize("column", [0, 96], ids=["first-chunk", "last-chunk"])
+@pytest.mark.parametrize("top_k", [0, 2])
+@pytest.mark.parametrize("case", ["one_plus_inf", "one_minus_inf", "two_minus_inf", "all_minus_inf",
+                                  "plus_and_minus_inf", "nan"])
+def test_split_non_finite_logits_match_single_kernel(case, top_k, column, ilora_env):
+    """The routing rules (NaN, +-inf, ties) live once (``_route_store``): the split path gives the single kernel's
+    g, NaN for NaN, with the non-finite router entries in the first or in the last d_in chunk."""
+    inf = float("inf")
+    x, w, b, wr, a, bb = make_inputs(6, 97, 5, 4, 3, "random", torch.float32, device=DEVICE)
+    x[:, column] = 1.0 + torch.rand(6)
+    wr[:, column] = torch.tensor({"one_plus_inf": [inf, 0.5, -0.5, 0.1], "one_minus_inf": [-inf, 0.5, -0.5, 0.1],
+                                  "two_minus_inf": [-inf, 0.5, -inf, 0.1], "all_minus_inf": [-inf] * 4,
+                                  "plus_and_minus_inf": [inf, -inf, 0.5, 0.1],
+                                  "nan": [float("nan"), 0.5, -0.5, 0.1]}[case])
+    outs = []
+    for split in ("1", "3"):
+        ilora_env(ILORA_TRITON_SHRINK_SPLIT=split)
+        outs.append(torch.ops.ilora_kernels.triton_forward(x, w, b, wr, a, bb, 1.0, 0.0, 0, top_k)[2])
+    single, split3 = outs
+    if case in ("one_minus_inf", "two_minus_inf"):        # a -inf logit only removes its head
+        assert torch.isfinite(split3).all() and (split3[:, wr[:, column] == -inf] == 0).all()
+    else:
+        assert torch.isnan(split3).any(-1).all()
+    assert torch.equal(torch.isnan(single), torch.isnan(split3)), (single, split3)
+    finite = ~torch.isnan(single)
+    torch.testing.assert_close(split3[finite], single[finite], rtol=1e-6, atol=1e-7)
+
+
+def test_shrink_split_rule():
+    """The auto rule (``_shrink_split``, also called by the ahead-of-time report) at the Crab+ shapes."""
+    tile = T._shrink_route_tile(128, False)
+    bm, bd = tile["BLOCK_M"], tile["BLOCK_D"]
+    assert T._shrink_split(4096, 3584, bm, bd, 132) == 4          # 64 token blocks x 4 = 256 programs, 132 SMs
+    assert T._shrink_split(4096, 18944, bm, bd, 132) == 4
+    assert T._shrink_split(4096, 3584, bm, bd, 108) == 3          # A100
+    assert T._shrink_split(1, 3584, bm, bd, 132) == 1             # decode: one launch, no workspace
+    assert T._shrink_split(16, 18944, bm, bd, 132) == 1
+    assert T._shrink_split(16384, 3584, bm, bd, 132) == 1         # 256 token blocks fill the GPU already
+    assert T._shrink_split(1024, 3584, bm, bd, 132) == 7          # chunks of at least 8 BLOCK_D blocks
+    assert T._shrink_split(1024, 18944, bm, bd, 132) == 16        # at most _SPLIT_MAX
+    assert T._shrink_split(4096, 3584, bm, bd, None) == 1         # the interpreter, unless forced
+    assert T._shrink_split(4096, 3584, bm, bd, None, forced=3) == 3
+    assert T._shrink_split(4, 97, 32, 32, None, forced=9) == 4    # capped at the BLOCK_D blocks of d_in
+    assert T._shrink_split(4, 1, 32, 32, 132, forced=2) == 1
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5"])
+def test_shrink_split_setting_is_validated(bad, ilora_env):
+    with pytest.raises(ValueError, match="ILORA_TRITON_SHRINK_SPLIT"):
+        ilora_env(ILORA_TRITON_SHRINK_SPLIT=bad)
+
+
+def test_shrink_split_setting_values(ilora_env):
+    from ilora_kernels import settings
+
+    ilora_env(ILORA_TRITON_SHRINK_SPLIT=None)
+    assert settings.get().triton_shrink_split == "auto"
+    ilora_env(ILORA_TRITON_SHRINK_SPLIT="AUTO")
+    assert settings.get().triton_shrink_split == "auto"
+    ilora_env(ILORA_TRITON_SHRINK_SPLIT=" 5 ")
+    assert settings.get().triton_shrink_split == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU only: a Crab+ shape in bf16
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (bf16 Triton at a large shape)")
-@pytest.mark.parametrize("mode,fused_v", [("fused", "0"), ("cublas", "0"), ("fused", "1")])
-def test_large_bf16_matches_float64(mode, fused_v, ilora_env):
-    ilora_env(ILORA_TRITON_BASE_GEMM=mode, ILORA_TRITON_FUSED_V=fused_v)
+@pytest.mark.parametrize("mode,fused_v,split", [("fused", "0", "auto"), ("cublas", "0", "auto"), ("fused", "1", "auto"),
+                                                ("cublas", "0", "1")])
+def test_large_bf16_matches_float64(mode, fused_v, split, ilora_env):
+    """N = 4096: ``auto`` takes the split shrink-route (SPLIT 3-4 on A100 / H100), ``1`` the single kernel."""
+    ilora_env(ILORA_TRITON_BASE_GEMM=mode, ILORA_TRITON_FUSED_V=fused_v, ILORA_TRITON_SHRINK_SPLIT=split)
     n, d_in, d_out, k, r = 4096, 3584, 3584, 3, 128
     inputs = make_inputs(n, d_in, d_out, k, r, "random", torch.bfloat16, device=DEVICE)
     torch.manual_seed(21)

@@ -714,6 +714,10 @@ def _make_trainer_class():
                           resume_from_checkpoint)
 
         def train(self, resume_from_checkpoint=None, *args, **kwargs):
+            if self.is_fsdp_enabled:   # FSDP2 refuses non-contiguous parameters, FSDP1 resumes them wrongly
+                from ..patching import set_packed_heads
+
+                set_packed_heads(self.accelerator.unwrap_model(self.model), False)
             resume, _ = resolve_resume(resume_from_checkpoint, self.args.output_dir)
             self._trim_router_stats((_checkpoint_step(resume) or 0) if resume is not None else 0)
             if resume is not None and self.is_fsdp_enabled:

@@ -18,13 +18,13 @@ The C++ and CUDA backends read the same facts from ``csrc/layout.h``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["concat_heads", "empty_heads_grad", "head_list_view", "heads_grad", "heads_packed", "new_packed_parameters",
-           "pack_head_list_", "pack_shrink_", "repack_", "shrink_concat", "shrink_packed"]
+__all__ = ["concat_heads", "empty_heads_grad", "heads_grad", "heads_packed", "new_packed_parameters", "pack_shrink_",
+           "repack_", "shrink_concat", "shrink_packed"]
 
 
 def heads_packed(lora_b: Tensor) -> bool:
@@ -82,8 +82,9 @@ def new_packed_parameters(num_heads: int, rank: int, d_in: int, d_out: int, *, d
 
 
 def _owns_storage(t: Tensor) -> bool:
-    return (t.is_contiguous() and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+    """A dense tensor (any order of its dimensions) that is the whole of its storage."""
+    return (t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            and (t.is_contiguous() or heads_packed(t) if t.dim() == 3 else t.is_contiguous()))
 
 
 def _owns_all(*tensors: Tensor) -> bool:
@@ -105,49 +106,19 @@ def pack_shrink_(router_weight: nn.Parameter, lora_a: nn.Parameter) -> bool:
     return True
 
 
-def repack_(router_weight: nn.Parameter, lora_a: nn.Parameter, lora_b: nn.Parameter) -> bool:
+def repack_(router_weight: nn.Parameter, lora_a: nn.Parameter, lora_b: nn.Parameter, heads: bool = True) -> bool:
     """Puts the three parameters back into the packed layout by rebinding their ``.data`` (the Parameter objects,
     and an optimizer's references to them, stay), for tensors that each own their whole storage: what
     ``Module.to()`` / ``.half()`` and ``load_state_dict(assign=True)`` leave. Tensors that live in someone else's
-    buffer (FSDP, DeepSpeed), meta tensors and tensors already packed are left alone. Returns whether anything
-    moved."""
+    buffer (FSDP, DeepSpeed), meta tensors and tensors already packed are left alone; ``heads=False`` leaves
+    lora_b contiguous instead (``ILoRALinear.set_packed_heads``). Returns whether anything moved."""
     moved = pack_shrink_(router_weight, lora_a)
-    if not heads_packed(lora_b) and _owns_all(lora_b):
+    if not heads and not lora_b.is_contiguous() and _owns_all(lora_b):
+        with torch.no_grad():
+            lora_b.data = lora_b.detach().contiguous()
+        return True
+    if heads and not heads_packed(lora_b) and _owns_all(lora_b):
         with torch.no_grad():
             lora_b.data = lora_b.detach().permute(1, 0, 2).contiguous().permute(1, 0, 2)
         moved = True
     return moved
-
-
-# PEFT keeps one (d_out, r) parameter per head (``lora_B0 .. lora_B{K-1}``): packed, head k is the slice [:, k, :]
-# of one (d_out, K, r) buffer, and lora_b (K, d_out, r) is a view of that buffer.
-
-def head_list_view(heads: Sequence[Tensor]) -> Optional[Tensor]:
-    """lora_b (K, d_out, r) as a view of the heads' buffer when the K (d_out, r) heads are packed, else None."""
-    first = heads[0]
-    num_heads = len(heads)
-    if first.dim() != 2 or first.numel() == 0:
-        return None
-    d_out, rank = first.shape
-    step = rank * first.element_size()
-    base = first.untyped_storage().data_ptr()
-    for k, head in enumerate(heads):
-        if (head.shape != first.shape or head.dtype != first.dtype or head.device != first.device
-                or (d_out > 1 and head.stride(0) != num_heads * rank) or (rank > 1 and head.stride(1) != 1)
-                or head.untyped_storage().data_ptr() != base or head.data_ptr() != first.data_ptr() + k * step):
-            return None
-    return first.as_strided((num_heads, d_out, rank), (rank, num_heads * rank, 1))
-
-
-def pack_head_list_(heads: Sequence[nn.Parameter]) -> bool:
-    """Moves the K (d_out, r) head parameters into one (d_out, K, r) buffer by rebinding their ``.data``, when each
-    owns its whole storage; returns whether it moved them."""
-    if head_list_view(heads) is not None or not _owns_all(*heads):
-        return False
-    if len({(h.shape, h.dtype, h.device) for h in heads}) != 1 or heads[0].dim() != 2:
-        return False
-    with torch.no_grad():
-        buffer = torch.stack([h.detach() for h in heads], dim=1)
-    for k, head in enumerate(heads):
-        head.data = buffer[:, k]
-    return True

@@ -10,9 +10,11 @@ exits 1 when a default config spills registers or needs more shared memory than 
 What is compiled is what the launchers of ``ops/triton_ilora.py`` launch on a GPU, at the Crab+ shapes (d_in -> d_out
 3584 -> 3584, 3584 -> 512, 3584 -> 18944, 18944 -> 3584; N = 4096 and 16 forward and backward, N = 1 forward (decode);
 r = 128, K = 3; bf16 and fp16; dropout 0 and 0.1; with and without bias): the tile constants come from the launchers'
-own tile functions (``_shrink_route_tile``, ``_expand_backward_tile``, ``_shrink_backward_tile``, ``_dx_tile``, the
-autotune list ``_gemm_configs`` as ``_prune_gemm_configs`` leaves it, ``_DETERMINISTIC_TILE``), the arguments are
-those of the launch, and Triton's own argument specialisation (16-divisible integers and pointers, integers equal to
+own tile functions (``_shrink_route_tile``, ``_shrink_split`` with the target's SM count (so at N = 4096 the split
+shrink-route kernels ``_shrink_route_partial_kernel`` + ``_route_reduce_kernel`` are compiled instead of the single
+one), ``_route_reduce_tile``, ``_expand_backward_tile``, ``_shrink_backward_tile``, ``_dx_tile``, the autotune
+list ``_gemm_configs`` as ``_prune_gemm_configs`` leaves it, ``_DETERMINISTIC_TILE``), the arguments are those of
+the launch, and Triton's own argument specialisation (16-divisible integers and pointers, integers equal to
 1) is applied to them, so every launch that compiles to the same binary is compiled once. "Default" means every
 config that runs without an opt-in setting: the fused base + expand GEMM's autotune candidates count although the
 ``auto`` mode only runs that kernel for N * d_out <= 4M (the others need ILORA_TRITON_BASE_GEMM=fused); the fused-V
@@ -134,14 +136,25 @@ def default_launches(m, dtype: torch.dtype, n: int, d_in: int, d_out: int, has_b
     lb = _Buf(dtype)
     lb_strides = (r, k * r, 1) if lora_b_packed else (d_out * r, r, 1)
 
-    # forward kernel 1
+    # forward kernel 1: one program per token block, or (SPLIT > 1, the auto rule for this target's SM count) the
+    # d_in partials on a (token blocks, SPLIT) grid and the reduce + routing kernel
     kp, rp = m._head_pads(k, r)
     tile = m._shrink_route_tile(rp, False)
-    yield Launch("_shrink_route_kernel", _tile_label(tile, ("BLOCK_M", "BLOCK_D")), {
-        "x_ptr": x, "wr_ptr": wr, "a_ptr": a, "h_ptr": h, "g_ptr": g32, "u_ptr": u, "N": n, "d_in": d_in, "K": k,
-        "R": r, "KR": k * r, "sxm": d_in, "sxk": 1, "swr0": d_in, "swr1": 1, "sa0": d_in, "sa1": 1,
-        "seed": seed_u, "threshold": thr, "drop_scale": dscale, "HAS_DROPOUT": has_drop, "TOP_K": 0, "IEEE": ieee,
-        "KP": kp, "RP": rp, **_constexprs(tile)}, _options(tile), tag, where)
+    split = m._shrink_split(n, d_in, tile["BLOCK_M"], tile["BLOCK_D"], sms)
+    shrink_args = {
+        "x_ptr": x, "wr_ptr": wr, "a_ptr": a, "N": n, "d_in": d_in, "K": k, "R": r, "sxm": d_in, "sxk": 1,
+        "swr0": d_in, "swr1": 1, "sa0": d_in, "sa1": 1, "seed": seed_u, "threshold": thr, "drop_scale": dscale,
+        "HAS_DROPOUT": has_drop, "IEEE": ieee, "KP": kp, "RP": rp, **_constexprs(tile)}
+    if split == 1:
+        yield Launch("_shrink_route_kernel", _tile_label(tile, ("BLOCK_M", "BLOCK_D")), {
+            **shrink_args, "h_ptr": h, "g_ptr": g32, "u_ptr": u, "KR": k * r, "TOP_K": 0}, _options(tile), tag, where)
+    else:
+        yield Launch("_shrink_route_partial_kernel", _tile_label(tile, ("BLOCK_M", "BLOCK_D")) + f" split={split}",
+                     {**shrink_args, "ws_ptr": _Buf(torch.float32)}, _options(tile), tag, where)
+        rt = m._route_reduce_tile(rp, False)
+        yield Launch("_route_reduce_kernel", _tile_label(rt, ("BLOCK_M",)) + f" split={split}", {
+            "ws_ptr": _Buf(torch.float32), "h_ptr": h, "g_ptr": g32, "u_ptr": u, "N": n, "K": k, "R": r, "KR": k * r,
+            "SPLIT": split, "TOP_K": 0, "KP": kp, "RP": rp, **_constexprs(rt)}, _options(rt), dt, where)
 
     # forward kernel 2, every autotune candidate (as _launch_base_expand calls the autotuner) and the tile of the
     # deterministic mode
@@ -431,8 +444,8 @@ def compile_report(targets: Sequence[str] = tuple(TARGETS), dtypes: Sequence[str
 # output
 
 
-_ORDER = ("_shrink_route_kernel", "_base_expand_kernel", "_expand_backward_kernel", "_shrink_backward_kernel",
-          "_dx_kernel")
+_ORDER = ("_shrink_route_kernel", "_shrink_route_partial_kernel", "_route_reduce_kernel", "_base_expand_kernel",
+          "_expand_backward_kernel", "_shrink_backward_kernel", "_dx_kernel")
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:

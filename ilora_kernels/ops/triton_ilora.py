@@ -4,6 +4,10 @@ Forward (2 launches):
   1. ``_shrink_route_kernel``: one pass over x per token block with two fp32 accumulators, router logits
      ``x W_r^T`` (clean x) and ``h = A dropout(x)`` (mask regenerated in registers); fp32 softmax / top-k in
      registers; writes h (N, r), g (N, K) float32 and u = [g_1 h, ..., g_K h] (N, K r).
+     With too few token blocks to fill the GPU the d_in reduction is split (``_shrink_split``,
+     ILORA_TRITON_SHRINK_SPLIT): ``_shrink_route_partial_kernel`` on a (token blocks, SPLIT) grid writes fp32
+     partials (SPLIT, N, KP + RP), ``_route_reduce_kernel`` sums them in a fixed order and runs the same routing
+     epilogue (``_route_store``).
   2. ``_base_expand_kernel``: ``y = [x | u] [W | s B_cat]^T + b`` in one fp32 accumulator: K r / BLOCK_K
      iterations over u and B_cat (read straight from lora_b's (K, d_out, r) layout), scaled by s, then the usual
      reduction over d_in.
@@ -26,6 +30,7 @@ computed here in uint32 arithmetic, which wraps exactly like the reference's int
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -85,34 +90,32 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# forward kernel 1: shrink + route
+# forward kernel 1: shrink + route (one program per token block; or, split over d_in, partials + a reduce kernel)
 
 
 @triton.jit
-def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
-                         N, d_in, K, R, KR,
-                         sxm, sxk, swr0, swr1, sa0, sa1,
-                         seed, threshold, drop_scale,
-                         HAS_DROPOUT: tl.constexpr, TOP_K: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < N
+def _shrink_accumulate(x_ptr, wr_ptr, a_ptr, rows, row_ok, d_lo, d_hi, d_in, K, R,
+                       sxm, sxk, swr0, swr1, sa0, sa1,
+                       seed, threshold, drop_scale,
+                       HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """The fp32 router logits x W_r^T (clean x) and h = A dropout(x) of the token block ``rows`` over the d_in columns
+    [d_lo, d_hi) (d_lo a multiple of BLOCK_D); the dropout mask comes from (seed, row, global column)."""
     cols_d = tl.arange(0, BLOCK_D).to(tl.int64)
     ks = tl.arange(0, KP)
     rs = tl.arange(0, RP)
     k_ok = ks < K
     r_ok = rs < R
 
-    x_ptrs = x_ptr + rows[:, None] * sxm + cols_d[None, :] * sxk
-    wr_ptrs = wr_ptr + ks.to(tl.int64)[None, :] * swr0 + cols_d[:, None] * swr1     # (BLOCK_D, KP) = W_r^T
-    a_ptrs = a_ptr + rs.to(tl.int64)[None, :] * sa0 + cols_d[:, None] * sa1         # (BLOCK_D, RP) = A^T
+    x_ptrs = x_ptr + rows[:, None] * sxm + (d_lo + cols_d)[None, :] * sxk
+    wr_ptrs = wr_ptr + ks.to(tl.int64)[None, :] * swr0 + (d_lo + cols_d)[:, None] * swr1   # (BLOCK_D, KP) = W_r^T
+    a_ptrs = a_ptr + rs.to(tl.int64)[None, :] * sa0 + (d_lo + cols_d)[:, None] * sa1       # (BLOCK_D, RP) = A^T
     if HAS_DROPOUT:
         rh = _row_hash(rows, seed)
 
     logits = tl.zeros((BLOCK_M, KP), dtype=tl.float32)
     hacc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
-    for d0 in range(0, d_in, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         d_ok = (d0 + cols_d) < d_in
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         wrt = tl.load(wr_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
@@ -127,7 +130,18 @@ def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
         x_ptrs += BLOCK_D * sxk
         wr_ptrs += BLOCK_D * swr1
         a_ptrs += BLOCK_D * sa1
+    return logits, hacc
 
+
+@triton.jit
+def _route_store(logits, hacc, rows, row_ok, h_ptr, g_ptr, u_ptr, K, R, KR,
+                 TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """The routing epilogue of both shrink-route paths: fp32 softmax / top-k of the logits (BLOCK_M, KP), then the
+    stores of g (N, K) float32, h (N, R) and u = [g_1 h, ..., g_K h] (N, K R) in the activation dtype."""
+    ks = tl.arange(0, KP)
+    rs = tl.arange(0, RP)
+    k_ok = ks < K
+    r_ok = rs < R
     # router: fp32 softmax (over the TOP_K largest logits when TOP_K > 0)
     # Non-finite logits follow torch (reference backend): a NaN logit ranks above every number in top-k and ties go
     # to the lower head index; a +inf, NaN or all -inf selection makes the selected heads NaN and leaves the
@@ -165,6 +179,72 @@ def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
         gk = tl.sum(tl.where(ks[None, :] == k, g_act, 0.0), axis=1)
         uk = (gk[:, None] * hf).to(u_ptr.dtype.element_ty)
         tl.store(u_ptrs + k * R, uk, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _shrink_route_kernel(x_ptr, wr_ptr, a_ptr, h_ptr, g_ptr, u_ptr,
+                         N, d_in, K, R, KR,
+                         sxm, sxk, swr0, swr1, sa0, sa1,
+                         seed, threshold, drop_scale,
+                         HAS_DROPOUT: tl.constexpr, TOP_K: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """SPLIT = 1: grid (token blocks,); the whole d_in reduction and the routing epilogue in one program."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    logits, hacc = _shrink_accumulate(x_ptr, wr_ptr, a_ptr, rows, row_ok, 0, d_in, d_in, K, R,
+                                      sxm, sxk, swr0, swr1, sa0, sa1, seed, threshold, drop_scale,
+                                      HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_D, KP, RP)
+    _route_store(logits, hacc, rows, row_ok, h_ptr, g_ptr, u_ptr, K, R, KR, TOP_K, BLOCK_M, KP, RP)
+
+
+@triton.jit
+def _shrink_route_partial_kernel(x_ptr, wr_ptr, a_ptr, ws_ptr,
+                                 N, d_in, K, R,
+                                 sxm, sxk, swr0, swr1, sa0, sa1,
+                                 seed, threshold, drop_scale,
+                                 HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """SPLIT > 1, stage 1: grid (token blocks, SPLIT). Program (m, s) reduces the BLOCK_D blocks
+    [s * nb // SPLIT, (s + 1) * nb // SPLIT) of d_in (nb = cdiv(d_in, BLOCK_D); SPLIT <= nb, so no chunk is empty)
+    and writes its fp32 logits and h, padded to KP and RP columns, to ws[s] (SPLIT, N, KP + RP)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    split = tl.num_programs(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    n_blk = tl.cdiv(d_in + pid_s * 0, BLOCK_D)           # int64 (d_in may arrive as the constant 1)
+    d_lo = (pid_s * n_blk) // split * BLOCK_D
+    d_hi = tl.minimum((pid_s + 1) * n_blk // split * BLOCK_D, d_in)
+    logits, hacc = _shrink_accumulate(x_ptr, wr_ptr, a_ptr, rows, row_ok, d_lo, d_hi, d_in, K, R,
+                                      sxm, sxk, swr0, swr1, sa0, sa1, seed, threshold, drop_scale,
+                                      HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_D, KP, RP)
+    ws_rows = ws_ptr + (pid_s * N + rows) * (KP + RP)
+    tl.store(ws_rows[:, None] + tl.arange(0, KP)[None, :], logits, mask=row_ok[:, None])
+    tl.store(ws_rows[:, None] + KP + tl.arange(0, RP)[None, :], hacc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _route_reduce_kernel(ws_ptr, h_ptr, g_ptr, u_ptr,
+                         N, K, R, KR, SPLIT,
+                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """SPLIT > 1, stage 2: grid (token blocks,). Sums the SPLIT fp32 partials of ws in the fixed order s = 0, 1, ...
+    (deterministic, no atomics), then the routing epilogue of the single kernel (``_route_store``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    ws_rows = ws_ptr + rows * (KP + RP)
+    lg_ptrs = ws_rows[:, None] + tl.arange(0, KP)[None, :]
+    h_ptrs = ws_rows[:, None] + KP + tl.arange(0, RP)[None, :]
+    logits = tl.load(lg_ptrs, mask=row_ok[:, None], other=0.0)
+    hacc = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+    step = (pid * 0 + N) * (KP + RP)                     # int64 (N may arrive as the constant 1)
+    for _ in range(1, SPLIT):
+        lg_ptrs += step
+        h_ptrs += step
+        logits += tl.load(lg_ptrs, mask=row_ok[:, None], other=0.0)
+        hacc += tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+    _route_store(logits, hacc, rows, row_ok, h_ptr, g_ptr, u_ptr, K, R, KR, TOP_K, BLOCK_M, KP, RP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,6 +546,40 @@ def _shrink_route_tile(rp: int, interpret: bool) -> dict:
     return {"BLOCK_M": 64 if rp <= 128 else 16, "BLOCK_D": 64, "num_warps": 8 if rp <= 128 else 4, "num_stages": 4}
 
 
+_SPLIT_PROGRAMS_PER_SM = 2    # the shrink-route kernel takes ~80-110 KB of shared memory: 2 blocks fit an SM
+_SPLIT_MIN_BLOCKS = 8         # BLOCK_D iterations per d_in chunk at least (fp32 partials <= ~half the x bytes read)
+_SPLIT_MIN_TOKENS = 128       # fewer tokens (decode): one launch, no workspace
+_SPLIT_MAX = 16
+
+
+def _shrink_split(n: int, d_in: int, block_m: int, block_d: int, sms: Optional[int],
+                  forced: Optional[int] = None) -> int:
+    """SPLIT, the number of d_in chunks of the shrink-route reduction (1: the single ``_shrink_route_kernel``;
+    more: ``_shrink_route_partial_kernel`` on a (token blocks, SPLIT) grid + ``_route_reduce_kernel``).
+
+    ``forced`` (ILORA_TRITON_SHRINK_SPLIT=<int>) is used as given, capped at the number of BLOCK_D blocks of d_in (a
+    chunk is a whole number of blocks and never empty). Otherwise (``auto``): 1 under the interpreter (``sms`` None)
+    and below ``_SPLIT_MIN_TOKENS`` tokens; else enough chunks for about ``_SPLIT_PROGRAMS_PER_SM`` programs per SM
+    (``sms``: the device's multiprocessor count), each chunk at least ``_SPLIT_MIN_BLOCKS`` BLOCK_D blocks, at most
+    ``_SPLIT_MAX``. N = 4096 (64 token blocks of 64) on an H100 (132 SMs): 264 // 64 = 4 at d_in 3584 and 18944."""
+    n_blk = max(1, triton.cdiv(int(d_in), block_d))
+    if forced is not None:
+        return max(1, min(int(forced), n_blk))
+    if sms is None or n < _SPLIT_MIN_TOKENS:
+        return 1
+    n_mblk = triton.cdiv(int(n), block_m)
+    return max(1, min(_SPLIT_PROGRAMS_PER_SM * sms // n_mblk, n_blk // _SPLIT_MIN_BLOCKS, _SPLIT_MAX))
+
+
+def _route_reduce_tile(rp: int, interpret: bool) -> dict:
+    """BLOCK_M, num_warps of ``_route_reduce_kernel`` (num_stages: Triton's default); its own token block, smaller
+    than the partial kernel's (more programs for the epilogue; under the interpreter a different blocking tests the
+    row masks)."""
+    if interpret:
+        return {"BLOCK_M": 16, "num_warps": 4}
+    return {"BLOCK_M": 32 if rp <= 128 else 16, "num_warps": 4}
+
+
 def _expand_backward_tile(kp: int, rp: int, from_v: bool, elem_size: int, interpret: bool) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of ``_expand_backward_kernel``; kp * rp fp32 columns of V."""
     cols = kp * rp
@@ -507,12 +621,55 @@ def deterministic_mode() -> bool:
     ``torch.use_deterministic_algorithms(True)`` (read at call time).
 
     Every Triton kernel here already reduces in a fixed order (no atomics; the split-token partials of dW_r / dA are
-    summed by ``torch.sum`` in split order, and the split count depends only on the problem size and the device's
-    SM count), so on one device the only run-to-run variation left is the autotuner of the fused base GEMM: it times
-    its candidate tiles and may pick a different BLOCK_K (a different fp32 summation order) in another process.
-    The deterministic mode launches that kernel with one fixed tile instead (``_DETERMINISTIC_TILE``); its cost is
-    the lost tuning (the fused GEMM only runs for N * d_out <= 4M elements in the default ``auto`` mode)."""
+    summed by ``torch.sum`` in split order; the d_in partials of the split shrink-route are summed by
+    ``_route_reduce_kernel`` in split order; both split counts depend only on the problem size, the device's SM
+    count and the settings), so on one device the only run-to-run variation left is the autotuner of the fused
+    base GEMM: it times its candidate tiles and may pick a different BLOCK_K (a different fp32 summation order) in
+    another process. The deterministic mode launches that kernel with one fixed tile instead
+    (``_DETERMINISTIC_TILE``); its cost is the lost tuning (the fused GEMM only runs for N * d_out <= 4M elements in
+    the default ``auto`` mode)."""
     return settings.get().deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch_shrink_route(x, router_weight, lora_a, h, g, u, dropout_p: float, seed: int, top: int,
+                         split: Optional[int] = None, tile: Optional[dict] = None) -> int:
+    """Forward kernel 1: h, g, u of ``x`` (N, d_in) written into ``h`` (N, r), ``g`` (N, K) float32, ``u`` (N, K r).
+    ``split`` None: the ILORA_TRITON_SHRINK_SPLIT setting (``auto``: ``_shrink_split``); an int forces it (capped at
+    the BLOCK_D blocks of d_in; the GPU sweep passes 1 and the auto value). ``tile``: the BLOCK_M / BLOCK_D /
+    num_warps / num_stages of the (partial) shrink kernel (default ``_shrink_route_tile``). Returns the SPLIT run."""
+    n, d_in = x.shape
+    num_heads, rank = router_weight.shape[0], lora_a.shape[0]
+    has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
+    kp, rp = _head_pads(num_heads, rank)
+    ieee = x.dtype == torch.float32
+    tile = _shrink_route_tile(rp, _INTERPRET) if tile is None else tile
+    if split is None:
+        chosen = settings.get().triton_shrink_split
+        sms = None if _INTERPRET or x.device.type != "cuda" else _sm_count(x.device.index or 0)
+        split = _shrink_split(n, d_in, tile["BLOCK_M"], tile["BLOCK_D"], sms, None if chosen == "auto" else chosen)
+    else:
+        split = _shrink_split(n, d_in, tile["BLOCK_M"], tile["BLOCK_D"], None, split)
+    geometry = (n, d_in, num_heads, rank)
+    strides_drop = (x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
+               lora_a.stride(1), seed_u, thr, dscale)
+    if split == 1:
+        _shrink_route_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
+            x, router_weight, lora_a, h, g, u, *geometry, num_heads * rank, *strides_drop,
+            HAS_DROPOUT=has_drop, TOP_K=top, IEEE=ieee, KP=kp, RP=rp, **tile)
+        return 1
+    # fp32 partials (SPLIT, N, KP + RP): logits in columns [0, KP), h in [KP, KP + RP); every row < N written
+    ws = _empty(split, n, kp + rp, dtype=torch.float32, device=x.device)
+    _shrink_route_partial_kernel[(triton.cdiv(n, tile["BLOCK_M"]), split)](
+        x, router_weight, lora_a, ws, *geometry, *strides_drop, HAS_DROPOUT=has_drop, IEEE=ieee, KP=kp, RP=rp, **tile)
+    rt = _route_reduce_tile(rp, _INTERPRET)
+    _route_reduce_kernel[(triton.cdiv(n, rt["BLOCK_M"]),)](
+        ws, h, g, u, n, num_heads, rank, num_heads * rank, split, TOP_K=top, KP=kp, RP=rp, **rt)
+    return split
 
 
 def _launch_base_expand(x, weight, bias, u, lora_b, y, scaling):
@@ -566,16 +723,8 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], router_weigh
     if n == 0:
         return y, h, g
     u = _empty(n, num_heads * rank, dtype=dt, device=dev)
-    has_drop, seed_u, thr, dscale = _dropout_args(dropout_p, seed)
-    kp, rp = _head_pads(num_heads, rank)
-    ieee = dt == torch.float32
     top = int(top_k) if 0 < int(top_k) < num_heads else 0
-    tile = _shrink_route_tile(rp, _INTERPRET)
-    _shrink_route_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
-        x, router_weight, lora_a, h, g, u, n, d_in, num_heads, rank, num_heads * rank,
-        x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1), lora_a.stride(0),
-        lora_a.stride(1), seed_u, thr, dscale,
-        HAS_DROPOUT=has_drop, TOP_K=top, IEEE=ieee, KP=kp, RP=rp, **tile)
+    _launch_shrink_route(x, router_weight, lora_a, h, g, u, dropout_p, seed, top)
     if _base_gemm_mode(n, d_out) == "cublas":
         if bias is None:
             torch.mm(x, weight.t(), out=y)
