@@ -110,22 +110,8 @@ def _gemm_shape(T, dev, dtype, name: str, n: int, d_in: int, d_out: int, deadlin
         grid = (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
         launch = functools.partial(_launch, T._base_expand_kernel, grid,
                                    dict(values, EVEN_K=d_in % meta["BLOCK_K"] == 0), meta)
-        try:
-            t0 = time.perf_counter()
-            y.fill_(float("nan"))
-            compiled = launch()
-            G.sync(dev)
-            row["compile_s"] = time.perf_counter() - t0
-            row["max_rel_err"] = _rel_err(y, want)
-            row.update(_compiled_info(compiled))
-            row["ms"] = _bench(launch, dev)
-        except SignatureChanged as exc:
-            row["error"] = str(exc)
+        if not _measure(row, launch, dev, y, lambda: _rel_err(y, want)):
             break
-        except G.Terminated:
-            raise
-        except Exception as exc:
-            row["error"] = G.error_text(exc)
 
     def cublas_both():
         torch.mm(x, w.t(), out=y).addmm_(u, b_cat.t(), alpha=SCALING)
@@ -163,6 +149,32 @@ def sweep_gemm(T, dev, dtype, shapes, deadline: G.Deadline) -> List[Dict]:
         if any("does not fill" in r.get("error", "") for r in rows):
             break
     return rows
+
+
+def _measure(row: Dict, launch, dev, poisoned, error, result: Optional[str] = None) -> bool:
+    """One sweep row: ``poisoned`` filled with NaN, one launch (its compile time; the compiled kernel's registers
+    and spills, or ``row[result]`` = what the launch returned), ``row["max_rel_err"] = error()``, then the timing.
+    Failures become ``row["error"]``; returns False when the kernel's signature changed (stop the sweep)."""
+    try:
+        t0 = time.perf_counter()
+        poisoned.fill_(float("nan"))
+        out = launch()
+        G.sync(dev)
+        row["compile_s"] = time.perf_counter() - t0
+        row["max_rel_err"] = error()
+        if result is None:
+            row.update(_compiled_info(out))
+        else:
+            row[result] = out
+        row["ms"] = _bench(launch, dev)
+    except SignatureChanged as exc:
+        row["error"] = str(exc)
+        return False
+    except G.Terminated:
+        raise
+    except Exception as exc:
+        row["error"] = G.error_text(exc)
+    return True
 
 
 def _current_shrink_choice(T, rank_pow2: int, interpret: bool):
@@ -203,22 +215,8 @@ def _shrink_shape(T, dev, dtype, name: str, n: int, d_in: int, grid_configs, dea
             row["error"] = "skipped: stage budget spent"
             continue
         launch = functools.partial(_launch, T._shrink_route_kernel, (triton.cdiv(n, bm),), values, meta)
-        try:
-            t0 = time.perf_counter()
-            h.fill_(float("nan"))
-            compiled = launch()
-            G.sync(dev)
-            row["compile_s"] = time.perf_counter() - t0
-            row["max_rel_err"] = max(_rel_err(h, want_h), _rel_err(g, want_g))
-            row.update(_compiled_info(compiled))
-            row["ms"] = _bench(launch, dev)
-        except SignatureChanged as exc:
-            row["error"] = str(exc)
+        if not _measure(row, launch, dev, h, lambda: max(_rel_err(h, want_h), _rel_err(g, want_g))):
             break
-        except G.Terminated:
-            raise
-        except Exception as exc:
-            row["error"] = G.error_text(exc)
     # the split d_in reduction (partial kernel + reduce kernel, timed together through the backend's launcher):
     # 1 = the single kernel, against the auto rule's choice and a few forced counts
     tile = T._shrink_route_tile(rp, interpret)
@@ -233,16 +231,7 @@ def _shrink_shape(T, dev, dtype, name: str, n: int, d_in: int, grid_configs, dea
             row["error"] = "skipped: stage budget spent"
             continue
         launch = functools.partial(T._launch_shrink_route, x, wr, a, h, g, u, 0.0, 0, 0, split=split)
-        try:
-            h.fill_(float("nan"))
-            row["split_run"] = launch()
-            G.sync(dev)
-            row["max_rel_err"] = max(_rel_err(h, want_h), _rel_err(g, want_g))
-            row["ms"] = _bench(launch, dev)
-        except G.Terminated:
-            raise
-        except Exception as exc:
-            row["error"] = G.error_text(exc)
+        _measure(row, launch, dev, h, lambda: max(_rel_err(h, want_h), _rel_err(g, want_g)), result="split_run")
     return rows
 
 
