@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+import ilora_kernels as ik
 from benchmarks import competitors as C
 from benchmarks import readme_section, runner, timers, train_step, writers
 from benchmarks import run as R
@@ -391,3 +392,21 @@ def test_gpu_check_script_returns_at_most_8_files():
     returned = re.search(r"RETURNED=\(([^)]*)\)", text, re.S).group(1).split()
     assert len(returned) <= 8 and "summary.txt" in returned and "logs.tar.gz" in returned
     assert "set -uo pipefail" in text and "MAX_RETURNED=8" in text
+
+
+def test_decode_benchmark_runs_and_its_layers_agree(capsys):
+    """benchmarks.decode on tiny layers: a row per rank, the byte floor of the cost model, and the packed and the
+    separate-tensor layers computing the same output (so the comparison is like for like)."""
+    from benchmarks import decode
+
+    rows = decode.main(["--d-in", "16", "--d-out", "24", "--ranks", "4", "--layers", "2", "--rounds", "1",
+                        "--calls", "4", "--threads", "1"])
+    assert [r["rank"] for r in rows] == [4] and all(rows[0][k] > 0 for k in ("base", "ilora", "plain LoRA K=1"))
+    assert rows[0]["byte floor"] == pytest.approx((24 * 16 + 7 * 16 + 24 * 12) / (24 * 16))
+    assert "ilora / floor" in capsys.readouterr().out
+    torch.manual_seed(0)
+    layer = ik.ILoRALinear(torch.nn.Linear(16, 24), r=4, num_heads=3, alpha=8, dropout=0.0, backend="cpu").eval()
+    with torch.no_grad():
+        layer.lora_b.normal_()
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(decode._unpacked(layer)(x), layer(x), rtol=1e-6, atol=1e-6)
