@@ -133,11 +133,12 @@ def _repack_after_load(module: "ILoRALinear", incompatible_keys) -> None:
 
 def _warn_if_strided_in_foreign_buffer(lora_b: torch.Tensor) -> None:
     """A packed (strided) lora_b that no longer owns its storage lives in an engine's flat buffer with its strides
-    kept: FSDP1 with ``use_orig_params=True``, whose resume of such a parameter's optimizer state we found wrong."""
+    kept (FSDP1, which hands the layer views of its flat parameter in the forward); with ``use_orig_params=True``
+    we found its resume of such a parameter's optimizer state wrong."""
     if (not lora_b.is_contiguous() and heads_packed(lora_b)
             and lora_b.untyped_storage().nbytes() > lora_b.numel() * lora_b.element_size()):
-        warnings.warn("ILoRALinear: lora_b is a non-contiguous parameter inside another module's flat buffer "
-                      "(FSDP1 with use_orig_params=True?). FSDP1 restores the optimizer state of non-contiguous "
+        warnings.warn("ILoRALinear: lora_b is a non-contiguous tensor inside another module's flat buffer "
+                      "(FSDP1?). FSDP1 with use_orig_params=True restores the optimizer state of non-contiguous "
                       "parameters wrongly when resuming from a checkpoint: call "
                       "ilora_kernels.patching.set_packed_heads(model, False) before wrapping the model",
                       RuntimeWarning, stacklevel=3)

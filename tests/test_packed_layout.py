@@ -289,3 +289,40 @@ def test_opcheck_on_packed_tensors(backend):
             fake_db = backward(*fakes, 2.0, 0.0, 11, mask)[3]
         assert fake_db.stride() == lora_b.stride() == backward(dy, x, weight, router, lora_a, lora_b, h, g, 2.0, 0.0,
                                                                  11, mask)[3].stride()
+
+
+_FSDP1_SCRIPT = r"""
+import os, socket, sys, warnings
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+import ilora_kernels as ik
+from ilora_kernels.patching import set_packed_heads
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+for packed in (True, False):
+    model = nn.Sequential(nn.Linear(8, 6))
+    model[0] = ik.ILoRALinear(model[0], r=2, num_heads=3, alpha=4, dropout=0.0, backend="cpu")
+    set_packed_heads(model, packed)
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped(torch.randn(5, 8)).sum().backward()
+    print(f"packed={packed} warned={any('set_packed_heads' in str(w.message) for w in caught)}")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp1_with_a_strided_lora_b_warns_and_set_packed_heads_silences_it():
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch.distributed.fsdp")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = subprocess.run([sys.executable, "-c", _FSDP1_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "packed=True warned=True" in out.stdout and "packed=False warned=False" in out.stdout, out.stdout
