@@ -24,10 +24,7 @@ import torch.nn.functional as F
 
 import ilora_kernels as ik
 
-
-def byte_floor(d_in: int, d_out: int, rank: int, heads: int) -> float:
-    """(W0 + [W_r; A] + B_cat) / W0: the bytes a decode step must read, over the base layer's."""
-    return (d_out * d_in + (heads + rank) * d_in + d_out * heads * rank) / (d_out * d_in)
+from .competitors import Case, decode_byte_floor
 
 
 def _unpacked(layer: ik.ILoRALinear) -> ik.ILoRALinear:
@@ -72,7 +69,7 @@ def measure(d_in: int, d_out: int, rank: int, heads: int = 3, tokens: int = 1, l
                 for j in range(calls):
                     fn(j % layers)
                 best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    best["byte floor"] = byte_floor(d_in, d_out, rank, heads)
+    best["byte floor"] = decode_byte_floor(Case("decode", d_in, d_out, tokens, rank, heads, decode=True))
     return best
 
 

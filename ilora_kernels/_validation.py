@@ -14,7 +14,14 @@ import torch
 from .ops import registry
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max   # every kernel applies scaling as a float32
+
+
+def float32_masters(base_dtype: torch.dtype, adapter) -> bool:
+    """Whether the adapter tensors are float32 master weights on a float16 / bfloat16 base: the one dtype mix
+    ``ilora_linear`` accepts (it casts them to the base's dtype); all of them float32, not some."""
+    return base_dtype in HALF_DTYPES and all(t.dtype == torch.float32 for t in adapter)
 
 
 def _is_int(v) -> bool:
@@ -116,7 +123,7 @@ def validate_ilora_inputs(x, weight, bias, router_weight, lora_a, lora_b, scalin
     if bias is not None:
         named.append(("bias", bias))
     adapter = named[2:5]
-    half_base = x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+    half_base = x.dtype in HALF_DTYPES and weight.dtype == x.dtype
     masters = [name for name, t in adapter if half_base and t.dtype == torch.float32]
     for name, t in named:
         if t.dtype not in _FLOAT_DTYPES:

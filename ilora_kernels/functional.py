@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import settings
-from ._validation import validate_ilora_inputs
+from ._validation import float32_masters, validate_ilora_inputs
 from .ops import seeded  # noqa: F401  (defines ilora_kernels::seeded_forward / seeded_backward)
 from .ops.contract import backward_body, router_dtype
 from .ops.contract import setup_context as op_setup_context
@@ -150,7 +150,11 @@ def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+def _cast_shrink(router_weight: Tensor, lora_a: Tensor, dtype: torch.dtype):
+    """router_weight and lora_a cast in one copy of their packed (K + r, d_in) buffer: (K, d_in), (r, d_in) views of
+    it, still adjacent."""
+    cast = shrink_concat(router_weight, lora_a).to(dtype)
+    return cast[:router_weight.shape[0]], cast[router_weight.shape[0]:]
 
 
 class _CastPackedShrink(torch.autograd.Function):
@@ -161,9 +165,7 @@ class _CastPackedShrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, router_weight, lora_a, dtype):
         ctx.dtypes = (router_weight.dtype, lora_a.dtype)
-        cast = shrink_concat(router_weight, lora_a).to(dtype)
-        num_heads = router_weight.shape[0]
-        return cast[:num_heads], cast[num_heads:]
+        return _cast_shrink(router_weight, lora_a, dtype)
 
     @staticmethod
     def backward(ctx, d_router, d_lora_a):
@@ -180,8 +182,7 @@ def _cast_adapter(router_weight: Tensor, lora_a: Tensor, lora_b: Tensor, dtype: 
         if torch.is_grad_enabled() and (router_weight.requires_grad or lora_a.requires_grad):
             router_weight, lora_a = _CastPackedShrink.apply(router_weight, lora_a, dtype)
         else:
-            cast = shrink_concat(router_weight, lora_a).to(dtype)
-            router_weight, lora_a = cast[:router_weight.shape[0]], cast[router_weight.shape[0]:]
+            router_weight, lora_a = _cast_shrink(router_weight, lora_a, dtype)
     else:
         router_weight, lora_a = router_weight.to(dtype), lora_a.to(dtype)
     return router_weight, lora_a, lora_b.to(dtype)
@@ -192,8 +193,8 @@ def _mixed_precision(x, weight, router_weight, lora_a, lora_b):
     dtype for the kernels, as autocast would (differentiable: its gradients reach the float32 weights in float32).
     All three are float32 or none is: any other mix is left to the dtype check, which names the odd tensor."""
     adapter = (router_weight, lora_a, lora_b)
-    if (isinstance(x, Tensor) and x.dtype in _HALF_DTYPES and isinstance(weight, Tensor) and weight.dtype == x.dtype
-            and all(isinstance(t, Tensor) and t.dtype == torch.float32 for t in adapter)):
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dtype == x.dtype
+            and all(isinstance(t, Tensor) for t in adapter) and float32_masters(x.dtype, adapter)):
         return _cast_adapter(router_weight, lora_a, lora_b, x.dtype)
     return adapter
 

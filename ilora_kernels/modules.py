@@ -9,18 +9,16 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._validation import validate_hyperparameters
+from ._validation import HALF_DTYPES, validate_hyperparameters
 from .functional import ilora_linear
 from .ops.contract import router_dtype
 from .ops.layout import heads_packed, new_packed_parameters, repack_
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
     """The dtype of the adapter parameters on a base layer of ``base_dtype``: float32 for a float16 / bfloat16 base
     when ``autocast_adapter_dtype`` (PEFT's default and name), else the base's."""
-    return torch.float32 if autocast_adapter_dtype and base_dtype in _HALF_DTYPES else base_dtype
+    return torch.float32 if autocast_adapter_dtype and base_dtype in HALF_DTYPES else base_dtype
 
 
 class ILoRALinear(nn.Module):

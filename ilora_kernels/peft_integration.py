@@ -84,7 +84,7 @@ from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
 from peft.utils import set_peft_model_state_dict  # noqa: E402
 from peft.utils.peft_types import PeftType  # noqa: E402
 
-from ._validation import validate_hyperparameters  # noqa: E402
+from ._validation import float32_masters, validate_hyperparameters  # noqa: E402
 from .adapters import (  # noqa: E402
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -302,8 +302,7 @@ class ILoRAPeftLinear(nn.Module, LoraLayer):
         x_in = x if x.dtype == dtype else x.to(dtype)
         first = active[0]
         router, lora_a, lora_b = self.adapter_tensors(first)
-        masters = router.dtype == lora_a.dtype == lora_b.dtype == torch.float32
-        if not (masters and dtype in (torch.float16, torch.bfloat16)):
+        if not float32_masters(dtype, (router, lora_a, lora_b)):
             # (float32 master weights on a half base are cast by ilora_linear, keeping the packed layout)
             router, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in (router, lora_a, lora_b))
         dropout = self.lora_dropout[first]

@@ -230,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   int64_t ld_z = 0, ld_h = 0, h_offset = 0;
   at::Tensor h_src;
   const bool few = few_tokens(n, rank);
-  const bool per_head = few && !heads_packed(lora_b);
-  if (dropout_p == 0.0 && !(few && !shrink_packed(router_weight, lora_a))) {
+  const bool per_head = few && !heads_packed(lora_b), separate_shrink = few && !shrink_packed(router_weight, lora_a);
+  if (dropout_p == 0.0 && !separate_shrink) {
     // ONE shrink GEMM against [W_r; A] ((K + r) x d_in: a view when packed)
     z = gemm(x, shrink_concat(router_weight, lora_a).t());
     ld_z = num_heads + rank;

@@ -82,9 +82,9 @@ def new_packed_parameters(num_heads: int, rank: int, d_in: int, d_out: int, *, d
 
 
 def _owns_storage(t: Tensor) -> bool:
-    """A dense tensor (any order of its dimensions) that is the whole of its storage."""
-    return (t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-            and (t.is_contiguous() or heads_packed(t) if t.dim() == 3 else t.is_contiguous()))
+    """The tensor is the whole of its storage (so it is dense, in some order of its dimensions): nobody else's
+    buffer, which rebinding its ``.data`` could break."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _owns_all(*tensors: Tensor) -> bool:

@@ -781,7 +781,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, router_weight: Tensor, 
         if need_dwr or need_da:
             tile = _shrink_backward_tile(rp16, _INTERPRET)
             n_dblk = triton.cdiv(d_in, tile["BLOCK_D"])
-            sms = None if _INTERPRET else torch.cuda.get_device_properties(dev).multi_processor_count
+            sms = None if _INTERPRET else _sm_count(dev.index or 0)
             splits, tokens_per_split = _token_splits(n, d_in, tile["BLOCK_T"], tile["BLOCK_D"], sms)
             pwr = _empty(splits, num_heads, d_in, dtype=torch.float32, device=dev)
             pa = _empty(splits, rank, d_in, dtype=torch.float32, device=dev)
